@@ -1,0 +1,338 @@
+//! Typed client for the Concord HTTP API, used by the CLI, the MCP bridge and tests.
+//!
+//! It takes a list of hub URLs (replicas of one cluster) and fails over between
+//! them when a hub cannot be reached; an answer from a hub, even an error, is final.
+//! Errors come back as [`concord_core::Error`] with the hub's code, so callers match
+//! on `ErrorCode::Fenced` rather than on status numbers. A hub that cannot be
+//! reached at all is `ErrorCode::Unavailable` with a message saying so.
+
+use concord_core::api::*;
+use concord_core::{Error, ErrorCode, Result};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    /// Index of the hub that answered last; tried first next time.
+    current: Arc<AtomicUsize>,
+    token: Option<String>,
+}
+
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    /// `urls`: one or more hub base URLs (`http://127.0.0.1:7717`).
+    pub fn new(urls: Vec<String>, token: Option<String>) -> Result<Client> {
+        if urls.is_empty() {
+            return Err(Error::bad_request("no hub URL given"));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| Error::internal(format!("http client: {e}")))?;
+        let urls = urls
+            .into_iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
+        Ok(Client {
+            http,
+            urls: Arc::new(urls),
+            current: Arc::new(AtomicUsize::new(0)),
+            token,
+        })
+    }
+
+    /// The same hubs with another credential (e.g. an instance's session token).
+    pub fn with_token(&self, token: impl Into<String>) -> Client {
+        Client {
+            token: Some(token.into()),
+            ..self.clone()
+        }
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// Sends a request, failing over to the next hub on connection errors.
+    pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        self.call_timeout(method, path, body, Duration::from_secs(60))
+            .await
+    }
+
+    pub async fn call_timeout<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T> {
+        let n = self.urls.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_err = None;
+        for k in 0..n {
+            let idx = (start + k) % n;
+            let url = format!("{}{}", self.urls[idx], path);
+            let mut req = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return decode(resp).await;
+                }
+                Err(e) if e.is_connect() || (e.is_timeout() && method == Method::GET) => {
+                    last_err = Some(format!("{url}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(Error::unavailable(format!("hub unreachable: {url}: {e}"))),
+            }
+        }
+        Err(Error::unavailable(format!(
+            "hub unreachable: {}",
+            last_err.unwrap_or_else(|| "no hub answered".into())
+        )))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    // ----- tokens -----
+    pub async fn create_token(&self, req: &CreateTokenRequest) -> Result<CreatedToken> {
+        self.post("/v1/tokens", req).await
+    }
+    pub async fn list_tokens(&self) -> Result<TokenList> {
+        self.get("/v1/tokens").await
+    }
+    pub async fn revoke_token(&self, id: &str) -> Result<Deleted> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/tokens/{}", pct(id)), None)
+            .await
+    }
+
+    // ----- instances -----
+    pub async fn register(&self, req: &RegisterInstanceRequest) -> Result<Registered> {
+        self.post("/v1/instances", req).await
+    }
+    pub async fn heartbeat(&self, id: &str) -> Result<HeartbeatResponse> {
+        self.post(
+            &format!("/v1/instances/{}/heartbeat", pct(id)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+    pub async fn list_instances(
+        &self,
+        entity: Option<&str>,
+        role: Option<Role>,
+        state: Option<&str>,
+    ) -> Result<InstanceList> {
+        let mut q = Vec::new();
+        if let Some(e) = entity {
+            q.push(format!("entity={}", pct(e)));
+        }
+        if let Some(r) = role {
+            q.push(format!("role={}", r.as_str()));
+        }
+        if let Some(s) = state {
+            q.push(format!("state={}", pct(s)));
+        }
+        let qs = if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        };
+        self.get(&format!("/v1/instances{qs}")).await
+    }
+    pub async fn get_instance(&self, id: &str) -> Result<Instance> {
+        self.get::<InstanceEnvelope>(&format!("/v1/instances/{}", pct(id)))
+            .await
+            .map(|e| e.instance)
+    }
+    pub async fn patch_instance(&self, id: &str, req: &PatchInstanceRequest) -> Result<Instance> {
+        self.call::<_, InstanceEnvelope>(
+            Method::PATCH,
+            &format!("/v1/instances/{}", pct(id)),
+            Some(req),
+        )
+        .await
+        .map(|e| e.instance)
+    }
+    pub async fn close_instance(&self, id: &str) -> Result<Instance> {
+        self.call::<(), InstanceEnvelope>(
+            Method::DELETE,
+            &format!("/v1/instances/{}", pct(id)),
+            None,
+        )
+        .await
+        .map(|e| e.instance)
+    }
+    pub async fn ghosts(&self) -> Result<GhostList> {
+        self.get("/v1/ghosts").await
+    }
+
+    // ----- entities -----
+    pub async fn entities(&self) -> Result<EntityList> {
+        self.get("/v1/entities").await
+    }
+    pub async fn entity(&self, name: &str) -> Result<EntityDetail> {
+        self.get(&format!("/v1/entities/{}", pct(name))).await
+    }
+    pub async fn campaign(
+        &self,
+        entity: &str,
+        instance: &str,
+        wait_ms: Option<u64>,
+    ) -> Result<PrimaryGrant> {
+        let req = CampaignRequest {
+            instance: instance.into(),
+            wait_ms,
+        };
+        let timeout = Duration::from_millis(wait_ms.unwrap_or(0) + 30_000);
+        self.call_timeout(
+            Method::POST,
+            &format!("/v1/entities/{}/primary", pct(entity)),
+            Some(&req),
+            timeout,
+        )
+        .await
+    }
+    pub async fn resign(&self, entity: &str) -> Result<Resigned> {
+        self.post(
+            &format!("/v1/entities/{}/primary/resign", pct(entity)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+    pub async fn transfer(&self, entity: &str, to: &str) -> Result<PrimaryGrant> {
+        self.post(
+            &format!("/v1/entities/{}/primary/transfer", pct(entity)),
+            &TransferRequest { to: to.into() },
+        )
+        .await
+    }
+    /// `target` is `entity` or `entity:version`.
+    pub async fn route(&self, target: &str) -> Result<Instance> {
+        self.get::<RouteResponse>(&format!("/v1/route/{}", pct(target)))
+            .await
+            .map(|r| r.instance)
+    }
+
+    // ----- state -----
+    fn state_path(entity: &str, key: &str) -> String {
+        let key: Vec<String> = key.split('/').map(pct).collect();
+        format!("/v1/entities/{}/state/{}", pct(entity), key.join("/"))
+    }
+    pub async fn put_state(
+        &self,
+        entity: &str,
+        key: &str,
+        value: Value,
+        fence: Option<u64>,
+        if_revision: Option<i64>,
+    ) -> Result<StateEntry> {
+        let req = PutStateRequest {
+            value,
+            fence,
+            if_revision,
+        };
+        self.call(Method::PUT, &Self::state_path(entity, key), Some(&req))
+            .await
+    }
+    pub async fn get_state(&self, entity: &str, key: &str) -> Result<StateEntry> {
+        self.get(&Self::state_path(entity, key)).await
+    }
+    pub async fn list_state(&self, entity: &str) -> Result<StateList> {
+        self.get(&format!("/v1/entities/{}/state", pct(entity)))
+            .await
+    }
+    pub async fn delete_state(
+        &self,
+        entity: &str,
+        key: &str,
+        fence: Option<u64>,
+    ) -> Result<Deleted> {
+        let q = fence.map(|f| format!("?fence={f}")).unwrap_or_default();
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("{}{q}", Self::state_path(entity, key)),
+            None,
+        )
+        .await
+    }
+
+    // ----- system -----
+    pub async fn status(&self) -> Result<HubStatus> {
+        self.get("/v1/status").await
+    }
+    pub async fn healthz(&self) -> Result<Value> {
+        self.get("/healthz").await
+    }
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| {
+        Error::unavailable(format!("hub connection lost while reading the answer: {e}"))
+    })?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| {
+            Error::internal(format!("cannot decode the hub's answer ({status}): {e}"))
+        });
+    }
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Err(Error::from_body(&body).unwrap_or_else(|| {
+        let code = match status.as_u16() {
+            401 => ErrorCode::Unauthorized,
+            403 => ErrorCode::Forbidden,
+            404 => ErrorCode::NotFound,
+            413 => ErrorCode::PayloadTooLarge,
+            429 => ErrorCode::RateLimited,
+            503 => ErrorCode::Unavailable,
+            s if s < 500 => ErrorCode::BadRequest,
+            _ => ErrorCode::Internal,
+        };
+        Error::new(
+            code,
+            format!("hub answered {status}: {}", String::from_utf8_lossy(&bytes)),
+        )
+    }))
+}

@@ -1,0 +1,375 @@
+//! Request and response bodies of HTTP API v1, shared by the server (which also
+//! generates `/openapi.json` from them) and the client.
+//!
+//! Requests deny unknown fields: a misspelt `fence` must be a 400, not a silently
+//! unfenced write.
+
+use crate::time::Timestamp;
+use crate::token::TokenKind;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+// ---------- tokens ----------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// `admin`, `agent` or `reader` (session tokens come from registering an instance).
+    pub kind: TokenKind,
+    /// Required for `agent`: the entity the token may register instances of.
+    #[serde(default)]
+    pub entity: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub kind: TokenKind,
+    pub entity: Option<String>,
+    pub name: Option<String>,
+    /// Session tokens: the instance they belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedToken {
+    pub id: String,
+    pub kind: TokenKind,
+    pub entity: Option<String>,
+    pub name: Option<String>,
+    pub created_at: Timestamp,
+    /// The secret. Shown once; the hub keeps only its hash.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenInfo>,
+}
+
+// ---------- instances ----------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Authoritative; at most one live per entity.
+    Primary,
+    /// Labelled, non-authoritative.
+    #[default]
+    Secondary,
+    /// Diverged from a point in the entity's memory log.
+    Fork,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+            Role::Fork => "fork",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "primary" => Some(Role::Primary),
+            "secondary" => Some(Role::Secondary),
+            "fork" => Some(Role::Fork),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Live,
+    Expired,
+    Closed,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Live => "live",
+            InstanceState::Expired => "expired",
+            InstanceState::Closed => "closed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<InstanceState> {
+        match s {
+            "live" => Some(InstanceState::Live),
+            "expired" => Some(InstanceState::Expired),
+            "closed" => Some(InstanceState::Closed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterInstanceRequest {
+    pub entity: String,
+    #[serde(default)]
+    pub role: Role,
+    /// Required in spirit for secondaries and forks: without one the instance is a ghost.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Lease TTL; heartbeat every TTL/3. Default 15000, range 1000..=86400000.
+    #[serde(default)]
+    pub ttl_ms: Option<i64>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub persistent: bool,
+    /// Forks: the instance they diverged from.
+    #[serde(default)]
+    pub forked_from: Option<String>,
+    #[serde(default = "empty_object")]
+    pub meta: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Instance {
+    pub id: String,
+    pub entity: String,
+    pub role: Role,
+    pub label: Option<String>,
+    pub state: InstanceState,
+    pub persistent: bool,
+    pub capabilities: Vec<String>,
+    pub endpoint: Option<String>,
+    pub host: Option<String>,
+    pub version: Option<String>,
+    pub forked_from: Option<String>,
+    /// Forks: the memory-log position they diverged at.
+    pub fork_point: Option<i64>,
+    pub meta: Value,
+    pub ttl_ms: i64,
+    pub registered_at: Timestamp,
+    pub last_seen_at: Timestamp,
+    pub lease_until: Timestamp,
+}
+
+impl Instance {
+    /// Secondaries and forks must say what they are for; one that does not is a ghost.
+    pub fn is_unlabeled(&self) -> bool {
+        self.label
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or("")
+            .is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Registered {
+    pub instance: Instance,
+    /// Bearer token for every later call by this instance. Shown once.
+    pub session_token: String,
+    /// The epoch of the primary grant, when registered as primary.
+    pub fence: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PatchInstanceRequest {
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub meta: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct HeartbeatResponse {
+    pub lease_until: Timestamp,
+    pub role: Role,
+    pub epoch: u64,
+    /// The instance's fence when it is the primary.
+    pub fence: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceEnvelope {
+    pub instance: Instance,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceList {
+    pub instances: Vec<Instance>,
+}
+
+// ---------- entities, primaries ----------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct EntitySummary {
+    pub name: String,
+    pub epoch: u64,
+    /// Id of the live primary, if any.
+    pub primary: Option<String>,
+    pub live_instances: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EntityList {
+    pub entities: Vec<EntitySummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EntityDetail {
+    pub name: String,
+    pub epoch: u64,
+    pub primary: Option<Instance>,
+    /// Live instances.
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignRequest {
+    pub instance: String,
+    /// Block up to this long for the role to become free (like etcd's Campaign).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct PrimaryGrant {
+    pub instance: String,
+    pub epoch: u64,
+    /// The fencing token: equal to the epoch of this grant.
+    pub fence: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResignRequest {
+    /// Admin only: the primary to remove. An instance resigns itself.
+    #[serde(default)]
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Resigned {
+    pub instance: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RouteResponse {
+    pub instance: Instance,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Ghost {
+    pub instance: Option<String>,
+    pub entity: Option<String>,
+    /// `unlabeled`, `unknown_instance`, `expired`, `closed`.
+    pub reason: String,
+    pub seen_at: Timestamp,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GhostList {
+    pub ghosts: Vec<Ghost>,
+}
+
+// ---------- entity state ----------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutStateRequest {
+    pub value: Value,
+    /// Required for instances: the epoch of your primary grant.
+    #[serde(default)]
+    pub fence: Option<u64>,
+    /// Compare-and-set: the write applies only if the key is at this revision (0 = absent).
+    #[serde(default)]
+    pub if_revision: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteStateRequest {
+    #[serde(default)]
+    pub fence: Option<u64>,
+    #[serde(default)]
+    pub if_revision: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct StateEntry {
+    pub key: String,
+    pub value: Value,
+    pub revision: i64,
+    pub updated_by: String,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StateList {
+    pub entity: String,
+    pub entries: Vec<StateEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    pub deleted: bool,
+}
+
+// ---------- events ----------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct EventSource {
+    pub instance: Option<String>,
+    pub entity: Option<String>,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Event {
+    pub seq: i64,
+    pub topic: String,
+    pub time: Timestamp,
+    pub source: EventSource,
+    pub data: Value,
+}
+
+// ---------- status ----------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HubStatus {
+    pub version: String,
+    pub backend: String,
+    pub hub_id: String,
+    pub uptime_ms: u64,
+    pub entities: u64,
+    pub live_instances: u64,
+    pub ghosts: u64,
+    pub last_event_seq: i64,
+}

@@ -1,0 +1,185 @@
+//! The Concord hub: an axum application over a [`Store`](concord_store::Store).
+//!
+//! Request path: `Caller` (bearer token → principal, cached; rate limit) →
+//! handler (parse strictly, `authz::authorize`, one store call) → JSON. Background
+//! tasks: the reaper (expires instances, `reaper.rs`) and the log tail (keeps this
+//! replica's caches in step with changes made on other replicas, `tail.rs`).
+
+mod auth;
+mod error;
+mod extract;
+mod limits;
+mod metrics;
+mod openapi;
+mod presence;
+mod reaper;
+mod routes;
+mod tail;
+
+pub use error::{ApiError, ApiResult};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use concord_core::Error;
+use concord_store::DynStore;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Settings of one hub process.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Identifies this replica as a lease owner. Unique per process start.
+    pub hub_id: String,
+    /// Per-token requests per second (0 = unlimited) and burst.
+    pub rate_limit_per_s: u32,
+    pub rate_limit_burst: u32,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// How often the reaper looks for overdue instances.
+    pub reap_interval: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            hub_id: concord_core::ids::new_id("hub"),
+            rate_limit_per_s: 5_000,
+            rate_limit_burst: 10_000,
+            max_body_bytes: 1024 * 1024,
+            reap_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Everything handlers share. One per hub process, behind an `Arc`.
+pub struct AppState {
+    pub store: DynStore,
+    pub config: HubConfig,
+    pub(crate) auth: auth::AuthCache,
+    pub(crate) limits: limits::Limits,
+    pub(crate) presence: presence::Presence,
+    pub(crate) metrics: metrics::Metrics,
+    /// Bumped whenever some primary role is released, to wake campaigners that wait.
+    pub(crate) primary_released: watch::Sender<u64>,
+    pub(crate) started: Instant,
+}
+
+impl AppState {
+    pub(crate) fn now_ms(&self) -> i64 {
+        concord_core::Timestamp::now().millis()
+    }
+}
+
+/// A running hub: its shared state and background tasks.
+pub struct Hub {
+    state: Arc<AppState>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Hub {
+    /// Builds the state and starts the background tasks.
+    pub async fn start(store: DynStore, config: HubConfig) -> concord_core::Result<Hub> {
+        let (primary_released, _) = watch::channel(0);
+        let state = Arc::new(AppState {
+            limits: limits::Limits::new(config.rate_limit_per_s, config.rate_limit_burst),
+            store,
+            config,
+            auth: auth::AuthCache::default(),
+            presence: presence::Presence::default(),
+            metrics: metrics::Metrics::default(),
+            primary_released,
+            started: Instant::now(),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let cursor = state.store.last_event_seq().await?;
+        let tasks = vec![
+            tokio::spawn(reaper::run(state.clone(), stop_rx.clone())),
+            tokio::spawn(tail::run(state.clone(), cursor, stop_rx)),
+        ];
+        Ok(Hub { state, stop, tasks })
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then drains requests and stops the tasks.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self.router();
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        self.stop().await;
+        result
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .record(&method, &route, resp.status().as_u16());
+    resp
+}
+
+fn panic_response(
+    state: Arc<AppState>,
+) -> impl Fn(Box<dyn std::any::Any + Send>) -> Response + Clone {
+    move |_| {
+        state
+            .metrics
+            .panics
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!("a handler panicked; answered 500");
+        ApiError(Error::internal(
+            "internal error (the hub caught a panic; see its log)",
+        ))
+        .into_response()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    routes::routes()
+        .fallback(|| async { ApiError(Error::not_found("no such route")) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(Error::new(
+                concord_core::ErrorCode::BadRequest,
+                "method not allowed on this route",
+            ))
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response(state.clone()),
+        ))
+        .with_state(state)
+}

@@ -1,0 +1,86 @@
+//! The reaper: expires instances that stopped heartbeating.
+//!
+//! Two sources, both safe to run on every replica at once: this hub's memory
+//! (instances whose last heartbeat here is older than their TTL; the store expires
+//! them only if this hub still owns the lease) and the store's durable leases
+//! (instances nobody answers for any more: heartbeats elsewhere stopped, or a
+//! replica died). Safety never depends on it: a primary reaped late is still fenced.
+
+use crate::AppState;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The durable sweep runs every this many memory sweeps.
+const DURABLE_EVERY: u32 = 5;
+
+pub(crate) async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(state.config.reap_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        n = n.wrapping_add(1);
+        sweep_memory(&state).await;
+        if n.is_multiple_of(DURABLE_EVERY) {
+            sweep_durable(&state).await;
+            state.limits.shrink();
+        }
+    }
+}
+
+async fn sweep_memory(state: &Arc<AppState>) {
+    for id in state.presence.overdue(state.now_ms()) {
+        match state.store.expire_owned(&id, &state.config.hub_id).await {
+            Ok(Some(inst)) => {
+                state
+                    .metrics
+                    .instances_expired
+                    .fetch_add(1, Ordering::Relaxed);
+                state.presence.primary_released(&inst.entity, &inst.id);
+                state.primary_released.send_modify(|v| *v += 1);
+                tracing::info!(instance = %inst.id, entity = %inst.entity, "expired: no heartbeat within ttl");
+                state.presence.remove(&id);
+            }
+            // Not ours any more (another replica took the lease) or already ended.
+            Ok(None) => state.presence.remove(&id),
+            Err(e) => {
+                tracing::warn!("reaper: cannot expire {id}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+async fn sweep_durable(state: &Arc<AppState>) {
+    loop {
+        match state.store.expire_due(256).await {
+            Ok(expired) => {
+                for inst in &expired {
+                    state
+                        .metrics
+                        .instances_expired
+                        .fetch_add(1, Ordering::Relaxed);
+                    state.presence.remove(&inst.id);
+                    state.presence.primary_released(&inst.entity, &inst.id);
+                    tracing::info!(instance = %inst.id, entity = %inst.entity, "expired: durable lease lapsed");
+                }
+                if !expired.is_empty() {
+                    state.primary_released.send_modify(|v| *v += 1);
+                }
+                if expired.len() < 256 {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("reaper: durable sweep failed: {e}");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -1,0 +1,53 @@
+//! HTTP routes. Each handler extracts, authorizes, calls the store once and shapes
+//! the response; the rules themselves live in concord-core and the store.
+
+pub(crate) mod entities;
+pub(crate) mod instances;
+pub(crate) mod state;
+pub(crate) mod system;
+pub(crate) mod tokens;
+
+use crate::AppState;
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+
+pub(crate) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route(
+            "/v1/instances",
+            post(instances::register).get(instances::list),
+        )
+        .route(
+            "/v1/instances/{id}",
+            get(instances::get)
+                .patch(instances::patch)
+                .delete(instances::close),
+        )
+        .route("/v1/instances/{id}/heartbeat", post(instances::heartbeat))
+        .route("/v1/ghosts", get(instances::ghosts))
+        .route("/v1/entities", get(entities::list))
+        .route("/v1/entities/{entity}", get(entities::get))
+        .route("/v1/entities/{entity}/primary", post(entities::campaign))
+        .route(
+            "/v1/entities/{entity}/primary/resign",
+            post(entities::resign),
+        )
+        .route(
+            "/v1/entities/{entity}/primary/transfer",
+            post(entities::transfer),
+        )
+        .route("/v1/route/{target}", get(entities::route))
+        .route("/v1/entities/{entity}/state", get(state::list))
+        .route(
+            "/v1/entities/{entity}/state/{*key}",
+            get(state::get).put(state::put).delete(state::delete),
+        )
+        .route("/v1/status", get(system::status))
+        .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics))
+        .route("/openapi.json", get(system::openapi))
+}

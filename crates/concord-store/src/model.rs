@@ -1,0 +1,94 @@
+//! Inputs and outputs of store operations that are not wire types.
+
+use concord_core::api::{Instance, InstanceState, RegisterInstanceRequest, Role};
+use concord_core::authz::Principal;
+use concord_core::token::TokenKind;
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    pub kind: TokenKind,
+    pub entity: Option<String>,
+    pub name: Option<String>,
+    pub instance: Option<String>,
+    pub secret_hash: String,
+}
+
+/// A validated registration, with the ids and session token chosen by the hub.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    pub id: String,
+    pub request: RegisterInstanceRequest,
+    pub ttl_ms: i64,
+    pub session_token_id: String,
+    pub session_secret_hash: String,
+    /// The replica registering it: it owns the lease until another replica takes it.
+    pub owner: String,
+    /// Token that registered it (for the event's source).
+    pub registered_by: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub instance: Instance,
+    pub epoch: u64,
+    pub fence: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DurableHeartbeat {
+    pub instance: Instance,
+    pub epoch: u64,
+    pub fence: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    pub entity: Option<String>,
+    pub role: Option<Role>,
+    /// `None` lists every state.
+    pub state: Option<InstanceState>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewGhost {
+    pub instance: Option<String>,
+    pub entity: Option<String>,
+    pub reason: String,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateWrite {
+    pub entity: String,
+    pub key: String,
+    pub value: Value,
+    pub fence: Option<u64>,
+    pub if_revision: Option<i64>,
+    pub actor: Principal,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDelete {
+    pub entity: String,
+    pub key: String,
+    pub fence: Option<u64>,
+    pub if_revision: Option<i64>,
+    pub actor: Principal,
+}
+
+/// Event topics the hub appends (DESIGN §6: `sys.` is reserved for the hub).
+pub mod topics {
+    pub const INSTANCE_REGISTERED: &str = "sys.instance.registered";
+    pub const INSTANCE_UPDATED: &str = "sys.instance.updated";
+    pub const INSTANCE_EXPIRED: &str = "sys.instance.expired";
+    pub const INSTANCE_CLOSED: &str = "sys.instance.closed";
+    pub const PRIMARY_GRANTED: &str = "sys.primary.granted";
+    pub const PRIMARY_RELEASED: &str = "sys.primary.released";
+    pub const PRIMARY_TRANSFERRED: &str = "sys.primary.transferred";
+    pub const GHOST: &str = "sys.ghost";
+    pub const STATE_CHANGED: &str = "sys.state.changed";
+    pub const TOKEN_CREATED: &str = "sys.token.created";
+    pub const TOKEN_REVOKED: &str = "sys.token.revoked";
+}

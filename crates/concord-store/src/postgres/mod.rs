@@ -1,0 +1,664 @@
+//! The PostgreSQL backend: several stateless hub replicas on one database
+//! (DESIGN §2 Storage).
+//!
+//! Where SQLite gets atomicity for free from its single writer thread, here many
+//! replicas, each with a pool of connections, write at once. What keeps the domain
+//! invariants (one live primary per entity, fencing) is that every operation that
+//! checks and then writes runs in one transaction that first locks the rows it
+//! decides on, always in the same order, so that two replicas can never both pass
+//! a check and both write:
+//!
+//! 1. `entities` rows (`SELECT … FOR UPDATE`; in name order when there are several),
+//! 2. `instances` rows,
+//! 3. `ghosts`, `tokens`, `entity_state` rows,
+//! 4. the `event_counter` row, last, just before COMMIT (see [`ops::Tx`]).
+//!
+//! A single lock order means a deadlock can only come from outside this module;
+//! should PostgreSQL still report one (or a serialization failure), the whole
+//! transaction is retried a few times ([`Inner::write`]).
+//!
+//! Time comes from the database clock (`clock_timestamp()`, read inside each
+//! transaction), never from the hub's, so replicas on different hosts never
+//! disagree about whether a lease has run out.
+
+mod ops;
+mod schema;
+
+use crate::model::*;
+use crate::Store;
+use async_trait::async_trait;
+use concord_core::api::{
+    EntityDetail, EntitySummary, Event, Ghost, Instance, PatchInstanceRequest, PrimaryGrant,
+    Resigned, StateEntry, TokenInfo,
+};
+use concord_core::authz::Principal;
+use concord_core::{Error, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use futures::StreamExt;
+use ops::{Fail, Tx, TxFuture};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+
+/// Connections per replica unless the caller asks otherwise.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// How long an operation waits for a pooled connection (or to open one) before
+/// answering `unavailable`: long enough to ride out a burst, short enough that a
+/// database that is down turns into a 503 instead of a hung request.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+/// Attempts of a transaction that PostgreSQL rolled back for a serialization
+/// failure or a deadlock before giving up with `unavailable`.
+const MAX_ATTEMPTS: u32 = 5;
+/// The LISTEN/NOTIFY channel that wakes the other replicas' event readers.
+pub const NOTIFY_CHANNEL: &str = "concord_events";
+/// The listener re-reads the event counter this often even without a
+/// notification: it proves the dedicated connection is alive and makes up for a
+/// NOTIFY that was lost while the database was unreachable.
+const LISTENER_POLL: Duration = Duration::from_secs(5);
+/// Longest pause between two attempts of the listener to reconnect.
+const LISTENER_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Maps a tokio-postgres error to the project's error. Losing the database (refused
+/// or broken connection, server shutting down, too many connections) is
+/// `unavailable`: the request may succeed later and the hub must not look broken.
+/// Anything else is a bug or a schema mismatch: `internal`.
+pub(crate) fn pg_err(e: &tokio_postgres::Error) -> Error {
+    if is_unavailable(e) {
+        Error::unavailable(format!("database unavailable: {e}"))
+    } else {
+        Error::internal(format!("postgres: {}", describe(e)))
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+fn is_unavailable(e: &tokio_postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        let c = code.code();
+        // 08: connection exception, 53: insufficient resources (too many
+        // connections, disk full), 57P: server shutting down or starting,
+        // 58: I/O error, 25P03: our session idled out in a transaction.
+        return c.starts_with("08")
+            || c.starts_with("53")
+            || c.starts_with("57P")
+            || c.starts_with("58")
+            || c == "25P03";
+    }
+    if e.is_closed() {
+        return true;
+    }
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let text = e.to_string();
+    io || text.starts_with("error connecting")
+        || text.starts_with("error communicating")
+        || text.starts_with("timeout")
+}
+
+/// Whether PostgreSQL rolled the transaction back only because it raced another
+/// one (serialization failure, deadlock): running it again is safe and will
+/// usually succeed.
+pub(crate) fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(e.code().map(|c| c.code()), Some("40001" | "40P01"))
+}
+
+pub(crate) fn pool_err(e: PoolError) -> Error {
+    match e {
+        PoolError::Backend(e) => {
+            if is_unavailable(&e) {
+                Error::unavailable(format!("database unavailable: {e}"))
+            } else {
+                // Authentication failures, a missing database: still nothing the
+                // caller can fix, and the hub should say the store is unusable.
+                Error::unavailable(format!("database unavailable: {}", describe(&e)))
+            }
+        }
+        PoolError::Timeout(t) => Error::unavailable(format!(
+            "database unavailable: timed out ({t:?}) waiting for a connection"
+        )),
+        PoolError::Closed => {
+            Error::unavailable("database unavailable: the connection pool is closed")
+        }
+        other => Error::unavailable(format!("database unavailable: {other}")),
+    }
+}
+
+/// The schema name a store is confined to. Restricted to lowercase identifiers so
+/// that it can travel unquoted in the connection's startup options (`-c
+/// search_path=…`) and in the NOTIFY payload.
+fn check_schema(schema: &str) -> Result<()> {
+    let mut chars = schema.chars();
+    let ok_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let ok_rest = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !ok_first || !ok_rest || schema.len() > 63 || schema.starts_with("pg_") {
+        return Err(Error::bad_field(
+            "schema",
+            format!("{schema:?} must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 63 bytes, not pg_*)"),
+        ));
+    }
+    Ok(())
+}
+
+/// What every task of one store shares: the pool and the two signals that follow
+/// commits (the local event watch and the coalescing notifier).
+pub(crate) struct Inner {
+    pool: Pool,
+    /// Newest committed event seq this process knows of.
+    events: Arc<watch::Sender<i64>>,
+    /// Newest seq this process committed and has not yet announced by NOTIFY.
+    to_notify: watch::Sender<i64>,
+}
+
+impl Inner {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Records that events up to `seq` are committed: wakes local readers first
+    /// (a writer that reads right after its write finds its readers already woken,
+    /// as with SQLite), then queues the cross-replica hint.
+    fn committed(&self, seq: i64) {
+        raise(&self.events, seq);
+        raise(&self.to_notify, seq);
+    }
+
+    /// Runs `op` in one transaction on a pooled connection, retrying it when
+    /// PostgreSQL aborts it for a serialization failure or a deadlock, and commits.
+    ///
+    /// The transaction runs in its own task: if the caller goes away (a client
+    /// hangs up mid-request) the operation still finishes or rolls back as one
+    /// unit, and a commit is always followed by the wake-ups it owes.
+    pub(crate) async fn write<T, F>(self: &Arc<Self>, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'a, 'c> FnMut(&'a mut Tx<'c>) -> TxFuture<'a, T> + Send + 'static,
+    {
+        let inner = self.clone();
+        tokio::spawn(async move { inner.write_here(op).await })
+            .await
+            .map_err(|e| Error::internal(format!("a store transaction failed: {e}")))?
+    }
+
+    async fn write_here<T, F>(&self, mut op: F) -> Result<T>
+    where
+        F: for<'a, 'c> FnMut(&'a mut Tx<'c>) -> TxFuture<'a, T>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut client = self.client().await?;
+            let outcome: std::result::Result<(T, Option<i64>), Fail> = async {
+                let mut tx = Tx::begin(&mut client).await?;
+                let out = op(&mut tx).await?;
+                let last = tx.commit().await?;
+                Ok((out, last))
+            }
+            .await;
+            match outcome {
+                Ok((out, last)) => {
+                    if let Some(seq) = last {
+                        self.committed(seq);
+                    }
+                    return Ok(out);
+                }
+                Err(Fail::Retry(msg)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(
+                        attempt,
+                        "postgres transaction raced another, retrying: {msg}"
+                    );
+                    // Back off a little, more each time, so that the transactions
+                    // that collided do not collide again in lockstep.
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.subsec_nanos())
+                        .unwrap_or(0);
+                    let jitter = u64::from(nanos % 5_000) + 1_000 * u64::from(attempt);
+                    tokio::time::sleep(Duration::from_micros(jitter * u64::from(attempt))).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Raises a watch to `seq` if it is higher: commits finish in seq order, but the
+/// tasks that report them may not run in that order.
+fn raise(w: &watch::Sender<i64>, seq: i64) {
+    w.send_if_modified(|cur| {
+        if seq > *cur {
+            *cur = seq;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// The PostgreSQL store: a connection pool, a LISTEN connection that hears
+/// about other replicas' commits, and a notifier that tells them about ours.
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+    events: watch::Receiver<i64>,
+    /// Dropped with the store: tells the listener task to stop.
+    _shutdown: watch::Sender<()>,
+}
+
+/// Runs one write operation through [`Inner::write`], cloning its owned
+/// arguments for each attempt (a retried transaction starts from scratch).
+macro_rules! write_op {
+    ($store:expr, [$($arg:ident),*], |$t:ident| $call:expr) => {
+        $store
+            .inner
+            .write(move |$t| {
+                $(let $arg = $arg.clone();)*
+                Box::pin(async move { $call.await })
+            })
+            .await
+    };
+}
+
+/// Runs one read on a pooled connection (no transaction: each read is one
+/// statement, or, like SQLite's, a few that need no common snapshot).
+macro_rules! read_op {
+    ($store:expr, |$c:ident| $call:expr) => {{
+        let $c = $store.inner.client().await?;
+        $call.await.map_err(Error::from)
+    }};
+}
+
+impl PostgresStore {
+    /// Connects with [`DEFAULT_POOL_SIZE`] connections. See [`PostgresStore::connect_with`].
+    pub async fn connect(url: &str, schema: Option<&str>) -> Result<PostgresStore> {
+        Self::connect_with(url, schema, DEFAULT_POOL_SIZE).await
+    }
+
+    /// Connects to `url` (`postgres://user:pass@host:port/db`), applies the
+    /// migrations and starts the LISTEN task. With `schema`, every table lives in
+    /// that schema (created if missing) and every connection's `search_path` is
+    /// set to it, so several hubs (or test runs) can share one database without
+    /// seeing each other. Fails with `unavailable` if the database cannot be reached.
+    pub async fn connect_with(
+        url: &str,
+        schema: Option<&str>,
+        pool_size: usize,
+    ) -> Result<PostgresStore> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::bad_field("database_url", format!("{e}")))?;
+        if let Some(s) = schema {
+            check_schema(s)?;
+        }
+        // Startup options apply to every connection the pool (or the listener)
+        // opens, including those opened after the database restarts: a
+        // post-connect `SET` could be skipped by a reconnect path, these cannot.
+        // The idle-in-transaction timeout frees the entity locks of a replica
+        // that hangs mid-transaction, so it cannot stall the whole fleet.
+        let mut options = cfg.get_options().unwrap_or("").to_string();
+        if let Some(s) = schema {
+            options.push_str(&format!(" -c search_path={s}"));
+        }
+        options.push_str(" -c idle_in_transaction_session_timeout=60000");
+        cfg.options(options.trim());
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("concord");
+        }
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(POOL_WAIT);
+        }
+        cfg.keepalives_idle(Duration::from_secs(30));
+
+        let manager = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .recycle_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| Error::internal(format!("cannot build the connection pool: {e}")))?;
+
+        let key = {
+            let mut client = pool.get().await.map_err(pool_err)?;
+            schema::migrate(&mut client, schema).await?
+        };
+        let last = {
+            let client = pool.get().await.map_err(pool_err)?;
+            ops::last_event_seq(&client).await.map_err(Error::from)?
+        };
+
+        let (events_tx, events) = watch::channel(last);
+        let events_tx = Arc::new(events_tx);
+        let (to_notify, notify_rx) = watch::channel(last);
+        let (shutdown, shutdown_rx) = watch::channel(());
+        tokio::spawn(notifier(pool.clone(), key.clone(), notify_rx));
+        tokio::spawn(listener(cfg, key, events_tx.clone(), shutdown_rx));
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                events: events_tx,
+                to_notify,
+            }),
+            events,
+            _shutdown: shutdown,
+        })
+    }
+}
+
+/// Sends `NOTIFY concord_events, '<schema>:<seq>'` after local commits, on a pooled
+/// connection and outside the write transaction: a NOTIFY inside the write
+/// transaction would take PostgreSQL's global notify-queue lock at every commit,
+/// serializing them. Commits that land while a NOTIFY is in flight are folded
+/// into the next one (the watch keeps only the newest seq), so a burst of writes
+/// costs a few notifications, not one each. Ends when the store is dropped.
+async fn notifier(pool: Pool, key: String, mut rx: watch::Receiver<i64>) {
+    while rx.changed().await.is_ok() {
+        let seq = *rx.borrow_and_update();
+        let payload = format!("{key}:{seq}");
+        let sent = async {
+            let client = pool.get().await.map_err(pool_err)?;
+            let st = client
+                .prepare_cached("SELECT pg_notify($1, $2)")
+                .await
+                .map_err(|e| pg_err(&e))?;
+            client
+                .execute(&st, &[&NOTIFY_CHANNEL, &payload])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = sent {
+            // Only a hint: the other replicas' listeners re-read the counter
+            // periodically and after reconnecting.
+            tracing::debug!("could not send the event notification: {e}");
+        }
+    }
+}
+
+/// Keeps `events` up to date with commits made by every replica: a dedicated
+/// connection (not pooled: LISTEN is per session, and a pooled connection would be
+/// recycled or lent out) that LISTENs on [`NOTIFY_CHANNEL`]. It reconnects by
+/// itself, with backoff, when the database restarts, and stops when the store is
+/// dropped.
+async fn listener(
+    cfg: tokio_postgres::Config,
+    key: String,
+    events: Arc<watch::Sender<i64>>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match listen_session(&cfg, &key, &events, &mut shutdown).await {
+            Ok(Stop::Shutdown) => return,
+            Ok(Stop::Lost) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::debug!("event listener cannot connect: {e}"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(LISTENER_MAX_BACKOFF);
+    }
+}
+
+enum Stop {
+    Shutdown,
+    Lost,
+}
+
+/// One connection's worth of listening: returns when the connection is lost.
+async fn listen_session(
+    cfg: &tokio_postgres::Config,
+    key: &str,
+    events: &watch::Sender<i64>,
+    shutdown: &mut watch::Receiver<()>,
+) -> Result<Stop> {
+    let (client, mut connection) = tokio::select! {
+        _ = shutdown.changed() => return Ok(Stop::Shutdown),
+        c = cfg.connect(NoTls) => c.map_err(|e| pg_err(&e))?,
+    };
+    // The connection object must be polled for the client to work at all; its
+    // notifications come out of the same poll, so one task drives it and
+    // forwards the payloads.
+    let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(msg)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                if tx.send(n.payload().to_string()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let _abort = AbortOnDrop(driver);
+    client
+        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let counter = client
+        .prepare(ops::LAST_SEQ_SQL)
+        .await
+        .map_err(|e| pg_err(&e))?;
+    // Whatever was committed while we were not listening.
+    let mut poll_now = true;
+    let mut ticker = tokio::time::interval(LISTENER_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if poll_now {
+            poll_now = false;
+            let row = tokio::time::timeout(POOL_WAIT, client.query_one(&counter, &[])).await;
+            match row {
+                Ok(Ok(row)) => match row.try_get::<_, i64>(0) {
+                    Ok(seq) => raise(events, seq),
+                    Err(e) => tracing::debug!("event listener: {e}"),
+                },
+                _ => return Ok(Stop::Lost),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return Ok(Stop::Shutdown),
+            _ = ticker.tick() => poll_now = true,
+            note = notes.recv() => {
+                let Some(first) = note else { return Ok(Stop::Lost) };
+                // Drain what else has arrived: one watch update per burst.
+                let mut best = None;
+                let mut next = Some(first);
+                while let Some(payload) = next {
+                    match payload.rsplit_once(':') {
+                        Some((k, s)) if k == key => match s.parse::<i64>() {
+                            Ok(seq) => best = best.max(Some(seq)),
+                            Err(_) => poll_now = true,
+                        },
+                        Some(_) => {} // another schema's hub on the same database
+                        None => poll_now = true,
+                    }
+                    next = notes.try_recv().ok();
+                }
+                if let Some(seq) = best {
+                    raise(events, seq);
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn now_ms(&self) -> Result<i64> {
+        read_op!(self, |c| ops::now_ms(&c))
+    }
+
+    async fn bootstrap_admin(&self, secret_hash: &str, only_if_none: bool) -> Result<bool> {
+        let hash = secret_hash.to_string();
+        write_op!(self, [hash], |t| ops::bootstrap_admin(
+            t,
+            &hash,
+            only_if_none
+        ))
+    }
+
+    async fn create_token(&self, token: NewToken) -> Result<TokenInfo> {
+        write_op!(self, [token], |t| ops::create_token(t, &token))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        read_op!(self, |c| ops::list_tokens(&c))
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<bool> {
+        let id = id.to_string();
+        write_op!(self, [id], |t| ops::revoke_token(t, &id))
+    }
+
+    async fn authenticate(&self, secret_hash: &str) -> Result<Option<Principal>> {
+        read_op!(self, |c| ops::authenticate(&c, secret_hash))
+    }
+
+    async fn register_instance(&self, new: NewInstance) -> Result<Registration> {
+        write_op!(self, [new], |t| ops::register_instance(t, &new))
+    }
+
+    async fn heartbeat(&self, instance: &str, owner: &str) -> Result<DurableHeartbeat> {
+        // The common case is one statement outside any explicit transaction.
+        let fast = {
+            let c = self.inner.client().await?;
+            ops::heartbeat_fast(&c, instance, owner)
+                .await
+                .map_err(Error::from)?
+        };
+        if let Some(hb) = fast {
+            return Ok(hb);
+        }
+        let (id, owner) = (instance.to_string(), owner.to_string());
+        write_op!(self, [id, owner], |t| ops::heartbeat(t, &id, &owner))?
+    }
+
+    async fn expire_owned(&self, instance: &str, owner: &str) -> Result<Option<Instance>> {
+        let (id, owner) = (instance.to_string(), owner.to_string());
+        write_op!(self, [id, owner], |t| ops::expire_owned(t, &id, &owner))
+    }
+
+    async fn expire_due(&self, limit: usize) -> Result<Vec<Instance>> {
+        write_op!(self, [], |t| ops::expire_due(t, limit))
+    }
+
+    async fn close_instance(&self, instance: &str, actor: &Principal) -> Result<Instance> {
+        let (id, actor) = (instance.to_string(), actor.clone());
+        write_op!(self, [id, actor], |t| ops::close_instance(t, &id, &actor))
+    }
+
+    async fn update_instance(
+        &self,
+        instance: &str,
+        patch: PatchInstanceRequest,
+    ) -> Result<Instance> {
+        let id = instance.to_string();
+        write_op!(self, [id, patch], |t| ops::update_instance(t, &id, &patch))
+    }
+
+    async fn get_instance(&self, instance: &str) -> Result<Option<Instance>> {
+        read_op!(self, |c| ops::get_instance(&c, instance))
+    }
+
+    async fn list_instances(&self, filter: InstanceFilter) -> Result<Vec<Instance>> {
+        read_op!(self, |c| ops::list_instances(&c, &filter))
+    }
+
+    async fn record_ghost(&self, ghost: NewGhost) -> Result<()> {
+        write_op!(self, [ghost], |t| ops::record_ghost(t, &ghost))
+    }
+
+    async fn list_ghosts(&self) -> Result<Vec<Ghost>> {
+        read_op!(self, |c| ops::list_ghosts(&c))
+    }
+
+    async fn list_entities(&self) -> Result<Vec<EntitySummary>> {
+        read_op!(self, |c| ops::list_entities(&c))
+    }
+
+    async fn get_entity(&self, entity: &str) -> Result<Option<EntityDetail>> {
+        read_op!(self, |c| ops::get_entity(&c, entity))
+    }
+
+    async fn campaign(&self, entity: &str, instance: &str) -> Result<PrimaryGrant> {
+        let (e, i) = (entity.to_string(), instance.to_string());
+        write_op!(self, [e, i], |t| ops::campaign(t, &e, &i))
+    }
+
+    async fn resign(&self, entity: &str, instance: Option<&str>) -> Result<Resigned> {
+        let (e, i) = (entity.to_string(), instance.map(str::to_string));
+        write_op!(self, [e, i], |t| ops::resign(t, &e, i.as_deref()))
+    }
+
+    async fn transfer(&self, entity: &str, from: Option<&str>, to: &str) -> Result<PrimaryGrant> {
+        let (e, f, to) = (entity.to_string(), from.map(str::to_string), to.to_string());
+        write_op!(self, [e, f, to], |t| ops::transfer(
+            t,
+            &e,
+            f.as_deref(),
+            &to
+        ))
+    }
+
+    async fn route(&self, entity: &str, version: Option<&str>) -> Result<Option<Instance>> {
+        read_op!(self, |c| ops::route(&c, entity, version))
+    }
+
+    async fn entity_epoch(&self, entity: &str) -> Result<(u64, Option<String>)> {
+        read_op!(self, |c| ops::entity_epoch(&c, entity))
+    }
+
+    async fn put_state(&self, write: StateWrite) -> Result<StateEntry> {
+        write_op!(self, [write], |t| ops::put_state(t, &write))
+    }
+
+    async fn delete_state(&self, write: StateDelete) -> Result<bool> {
+        write_op!(self, [write], |t| ops::delete_state(t, &write))
+    }
+
+    async fn get_state(&self, entity: &str, key: &str) -> Result<Option<StateEntry>> {
+        read_op!(self, |c| ops::get_state(&c, entity, key))
+    }
+
+    async fn list_state(&self, entity: &str) -> Result<Vec<StateEntry>> {
+        read_op!(self, |c| ops::list_state(&c, entity))
+    }
+
+    async fn read_events(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
+        read_op!(self, |c| ops::read_events(&c, after, limit))
+    }
+
+    async fn last_event_seq(&self) -> Result<i64> {
+        read_op!(self, |c| ops::last_event_seq(&c))
+    }
+
+    fn watch_events(&self) -> watch::Receiver<i64> {
+        self.events.clone()
+    }
+}

@@ -1,0 +1,171 @@
+//! Versioned migrations for the PostgreSQL backend, applied at start. A migration
+//! is never edited once released: add a new one.
+//!
+//! The logical schema is SQLite's, so the two backends answer identically:
+//! timestamps are BIGINT milliseconds (the numbers `concord_core::presence`
+//! computes with), and JSON values are stored as `json` (not `jsonb`), which keeps
+//! the text as written: `jsonb` would refuse a `\u0000` inside a string that
+//! SQLite accepts. Identifier and key columns use the "C" collation so that
+//! `ORDER BY` sorts bytewise, as SQLite does, whatever the database's locale.
+//!
+//! Several replicas start at once against one database: the whole migration runs
+//! in one transaction under an advisory lock keyed on the schema, so exactly one
+//! of them applies each version and the others find it done.
+
+use super::pg_err;
+use concord_core::{Error, Result};
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE tokens (
+    id          TEXT COLLATE "C" PRIMARY KEY,
+    kind        TEXT COLLATE "C" NOT NULL,
+    entity      TEXT COLLATE "C",
+    name        TEXT,
+    instance    TEXT COLLATE "C",
+    secret_hash TEXT COLLATE "C" NOT NULL UNIQUE,
+    created_at  BIGINT NOT NULL,
+    revoked_at  BIGINT
+);
+CREATE INDEX tokens_instance ON tokens(instance);
+
+CREATE TABLE entities (
+    name             TEXT COLLATE "C" PRIMARY KEY,
+    epoch            BIGINT NOT NULL DEFAULT 0,
+    primary_instance TEXT COLLATE "C",
+    created_at       BIGINT NOT NULL
+);
+
+CREATE TABLE instances (
+    id            TEXT COLLATE "C" PRIMARY KEY,
+    entity        TEXT COLLATE "C" NOT NULL,
+    role          TEXT COLLATE "C" NOT NULL,
+    label         TEXT,
+    state         TEXT COLLATE "C" NOT NULL,
+    persistent    BOOLEAN NOT NULL,
+    capabilities  JSON NOT NULL,
+    endpoint      TEXT,
+    host          TEXT,
+    version       TEXT COLLATE "C",
+    forked_from   TEXT COLLATE "C",
+    fork_point    BIGINT,
+    meta          JSON NOT NULL,
+    ttl_ms        BIGINT NOT NULL,
+    registered_at BIGINT NOT NULL,
+    last_seen_at  BIGINT NOT NULL,
+    lease_until   BIGINT NOT NULL,
+    lease_owner   TEXT,
+    ended_at      BIGINT
+);
+CREATE INDEX instances_entity ON instances(entity, state);
+CREATE INDEX instances_live_lease ON instances(lease_until) WHERE state = 'live';
+
+CREATE TABLE ghosts (
+    key        TEXT COLLATE "C" PRIMARY KEY,
+    instance   TEXT COLLATE "C",
+    entity     TEXT COLLATE "C",
+    reason     TEXT COLLATE "C" NOT NULL,
+    host       TEXT,
+    first_seen BIGINT NOT NULL,
+    seen_at    BIGINT NOT NULL,
+    count      BIGINT NOT NULL
+);
+
+CREATE TABLE entity_state (
+    entity     TEXT COLLATE "C" NOT NULL,
+    key        TEXT COLLATE "C" NOT NULL,
+    value      JSON NOT NULL,
+    revision   BIGINT NOT NULL,
+    updated_by TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (entity, key)
+);
+
+CREATE TABLE events (
+    seq    BIGINT PRIMARY KEY,
+    topic  TEXT COLLATE "C" NOT NULL,
+    time   BIGINT NOT NULL,
+    source JSON NOT NULL,
+    data   JSON NOT NULL
+);
+
+-- The event log's positions come from this one row, updated by each appending
+-- transaction just before it commits (not from a sequence): the row lock makes
+-- appenders commit one after another in seq order, so a reader that has seen
+-- seq N can never later find a smaller seq appear (DESIGN §2 Storage).
+CREATE TABLE event_counter (
+    id  SMALLINT PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL
+);
+INSERT INTO event_counter (id, seq) VALUES (1, 0);
+"#,
+)];
+
+/// Creates the schema if asked, applies the migrations not yet recorded in
+/// `schema_migrations`, and returns the schema's name (the store's key in NOTIFY
+/// payloads).
+pub(crate) async fn migrate(
+    client: &mut deadpool_postgres::Client,
+    schema: Option<&str>,
+) -> Result<String> {
+    let tx = client.transaction().await.map_err(|e| pg_err(&e))?;
+    let key: String = match schema {
+        Some(s) => s.to_string(),
+        None => tx
+            .query_one("SELECT COALESCE(current_schema(), '')", &[])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| pg_err(&e))?,
+    };
+    if key.is_empty() {
+        return Err(Error::unavailable(
+            "database unavailable: no schema of the search_path exists (pass a schema)",
+        ));
+    }
+    // Held until COMMIT; the two-key form keeps Concord's locks apart from any
+    // single-key advisory locks other software on the database may take.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('concord.migrate'), hashtext($1))",
+        &[&key],
+    )
+    .await
+    .map_err(|e| pg_err(&e))?;
+    if schema.is_some() {
+        // The name was checked to be a plain lowercase identifier.
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {key}; SET LOCAL search_path TO {key}"
+        ))
+        .await
+        .map_err(|e| pg_err(&e))?;
+    }
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .await
+    .map_err(|e| pg_err(&e))?;
+    for (version, sql) in MIGRATIONS {
+        let done: bool = tx
+            .query_one(
+                "SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = $1)",
+                &[version],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| pg_err(&e))?;
+        if done {
+            continue;
+        }
+        tx.batch_execute(sql).await.map_err(|e| pg_err(&e))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) \
+             VALUES ($1, floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
+            &[version],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+        tracing::info!(version, schema = %key, "applied postgres migration");
+    }
+    tx.commit().await.map_err(|e| pg_err(&e))?;
+    Ok(key)
+}

@@ -1,0 +1,113 @@
+//! Versioned migrations for the SQLite backend, applied at start in one transaction
+//! each. A migration is never edited once released: add a new one.
+
+use concord_core::Result;
+use rusqlite::Connection;
+
+use super::db_err;
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE tokens (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    entity      TEXT,
+    name        TEXT,
+    instance    TEXT,
+    secret_hash TEXT NOT NULL UNIQUE,
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+);
+CREATE INDEX tokens_instance ON tokens(instance);
+
+CREATE TABLE entities (
+    name             TEXT PRIMARY KEY,
+    epoch            INTEGER NOT NULL DEFAULT 0,
+    primary_instance TEXT,
+    created_at       INTEGER NOT NULL
+);
+
+CREATE TABLE instances (
+    id            TEXT PRIMARY KEY,
+    entity        TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    label         TEXT,
+    state         TEXT NOT NULL,
+    persistent    INTEGER NOT NULL,
+    capabilities  TEXT NOT NULL,
+    endpoint      TEXT,
+    host          TEXT,
+    version       TEXT,
+    forked_from   TEXT,
+    fork_point    INTEGER,
+    meta          TEXT NOT NULL,
+    ttl_ms        INTEGER NOT NULL,
+    registered_at INTEGER NOT NULL,
+    last_seen_at  INTEGER NOT NULL,
+    lease_until   INTEGER NOT NULL,
+    lease_owner   TEXT,
+    ended_at      INTEGER
+);
+CREATE INDEX instances_entity ON instances(entity, state);
+CREATE INDEX instances_live_lease ON instances(lease_until) WHERE state = 'live';
+
+CREATE TABLE ghosts (
+    key        TEXT PRIMARY KEY,
+    instance   TEXT,
+    entity     TEXT,
+    reason     TEXT NOT NULL,
+    host       TEXT,
+    first_seen INTEGER NOT NULL,
+    seen_at    INTEGER NOT NULL,
+    count      INTEGER NOT NULL
+);
+
+CREATE TABLE entity_state (
+    entity     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    revision   INTEGER NOT NULL,
+    updated_by TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (entity, key)
+);
+
+CREATE TABLE events (
+    seq    INTEGER PRIMARY KEY,
+    topic  TEXT NOT NULL,
+    time   INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    data   TEXT NOT NULL
+);
+"#,
+)];
+
+/// Applies the migrations not yet recorded in `schema_migrations`.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(db_err)?;
+    for (version, sql) in MIGRATIONS {
+        let tx = conn.transaction().map_err(db_err)?;
+        let done: bool = tx
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = ?1)",
+                [version],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        if !done {
+            tx.execute_batch(sql).map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                rusqlite::params![version, concord_core::Timestamp::now().millis()],
+            )
+            .map_err(db_err)?;
+            tracing::info!(version, "applied sqlite migration");
+        }
+        tx.commit().map_err(db_err)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! `concord serve`: owns the data directory (lock file, admin token, address file),
+//! opens the store and runs the hub until SIGINT or SIGTERM.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use concord_core::token::{generate_secret, hash_secret};
+use concord_server::{Hub, HubConfig};
+use concord_store::sqlite::{Durability, SqliteStore};
+use concord_store::DynStore;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DurabilityArg {
+    /// fsync at every group commit (survives power loss).
+    Full,
+    /// survives a crash of the process, not of the machine.
+    Normal,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7717", env = "CONCORD_LISTEN")]
+    pub listen: SocketAddr,
+    /// Data directory (SQLite file, admin token, lock). Default: $CONCORD_DATA_DIR or ~/.local/share/concord.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "full")]
+    pub durability: DurabilityArg,
+    /// PostgreSQL URL (several hub replicas on one database). Without it: embedded SQLite.
+    #[arg(long, env = "CONCORD_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Per-token request rate limit per second (0 = off).
+    #[arg(long, default_value_t = 5000)]
+    pub rate_limit: u32,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_body: usize,
+}
+
+/// The default data directory, shared by `serve` and the CLI's discovery.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CONCORD_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("concord");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/concord"),
+        None => PathBuf::from("concord-data"),
+    }
+}
+
+/// Holds the data directory's lock for as long as it lives.
+struct DirLock {
+    _file: File,
+}
+
+fn lock_data_dir(dir: &Path) -> Result<DirLock> {
+    let path = dir.join("concord.lock");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "another concord hub is already running on data dir {} ({}); refusing to start. \
+                 Stop it, or give this one its own --data-dir.",
+                dir.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e).context("cannot lock the data dir"),
+    }
+    file.set_len(0)?;
+    writeln!(file, "pid {}", std::process::id())?;
+    Ok(DirLock { _file: file })
+}
+
+fn write_secret_file(path: &Path, secret: &str) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(f, "{secret}")?;
+    f.sync_all()?;
+    Ok(())
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let _lock = lock_data_dir(&dir)?;
+
+    let store: DynStore = match &args.database {
+        Some(url) => Arc::new(
+            concord_store::postgres::PostgresStore::connect(url, None)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("cannot open the PostgreSQL store")?,
+        ),
+        None => {
+            let durability = match args.durability {
+                DurabilityArg::Full => Durability::Full,
+                DurabilityArg::Normal => Durability::Normal,
+            };
+            let path = dir.join("concord.db");
+            Arc::new(
+                SqliteStore::open(&path, durability)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .with_context(|| format!("cannot open {}", path.display()))?,
+            )
+        }
+    };
+
+    let token_file = dir.join("admin.token");
+    match std::env::var("CONCORD_ADMIN_TOKEN") {
+        Ok(secret) if !secret.trim().is_empty() => {
+            store
+                .bootstrap_admin(&hash_secret(secret.trim()), false)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            eprintln!("admin token: from CONCORD_ADMIN_TOKEN");
+        }
+        _ => {
+            let secret = generate_secret();
+            if store
+                .bootstrap_admin(&hash_secret(&secret), true)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                write_secret_file(&token_file, &secret)?;
+                eprintln!(
+                    "admin token: created and written to {} (mode 0600)",
+                    token_file.display()
+                );
+            } else {
+                eprintln!("admin token: existing ({})", token_file.display());
+            }
+        }
+    }
+
+    let config = HubConfig {
+        rate_limit_per_s: args.rate_limit,
+        rate_limit_burst: args.rate_limit.saturating_mul(2),
+        max_body_bytes: args.max_body,
+        ..HubConfig::default()
+    };
+    let hub = Hub::start(store.clone(), config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    std::fs::write(dir.join("hub.url"), format!("{url}\n"))?;
+    eprintln!(
+        "concord {} listening on {url} (store: {}, data dir: {}, started in {} ms)",
+        env!("CARGO_PKG_VERSION"),
+        store.backend(),
+        dir.display(),
+        started.elapsed().as_millis()
+    );
+    hub.serve(listener, shutdown_signal()).await?;
+    let _ = std::fs::remove_file(dir.join("hub.url"));
+    eprintln!("concord stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("shutting down");
+}

@@ -1,0 +1,57 @@
+use crate::harness::*;
+use serde_json::Value;
+
+fn ok_json(out: std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test]
+async fn cli_tokens_state_and_listings() {
+    let hub = Hub::start();
+    let t = ok_json(hub.cli(&[
+        "token", "create", "--kind", "agent", "--entity", "sisters", "--name", "laptop", "--json",
+    ]));
+    assert_eq!(t["kind"], "agent");
+    let id = t["id"].as_str().unwrap().to_string();
+    let list = ok_json(hub.cli(&["token", "list", "--json"]));
+    assert!(list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["id"] == id.as_str()));
+
+    let set = ok_json(hub.cli(&[
+        "state",
+        "set",
+        "sisters",
+        "config/model",
+        r#"{"name":"k2"}"#,
+        "--json",
+    ]));
+    assert_eq!(set["value"]["name"], "k2");
+    let got = ok_json(hub.cli(&["state", "get", "sisters", "config/model", "--json"]));
+    assert_eq!(got["revision"], set["revision"]);
+
+    let status = ok_json(hub.cli(&["status", "--json"]));
+    assert_eq!(status["backend"], "sqlite");
+    assert_eq!(status["entities"], 1);
+
+    // Human output is a table.
+    let out = hub.cli(&["instances"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ID"));
+    let out = hub.cli(&["entity", "sisters"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 0"));
+
+    assert!(hub.cli(&["token", "revoke", &id]).status.success());
+    // Errors go to stderr with the hub's code, and a failing exit status.
+    let out = hub.cli(&["token", "revoke", &id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests of the `concord` binary through its public interfaces.
+
+mod harness;
+
+mod bad_input;
+mod cli;
+mod crash;
+mod primaries;
+mod tokens;
