@@ -299,6 +299,110 @@ impl Client {
         .await
     }
 
+    // ----- events and messages -----
+    pub async fn publish(&self, topic: &str, data: Value) -> Result<Published> {
+        self.post(
+            "/v1/events",
+            &PublishRequest {
+                topic: topic.into(),
+                data,
+            },
+        )
+        .await
+    }
+    /// Long-poll read: `topics` comma-separated patterns.
+    pub async fn read_events(
+        &self,
+        topics: &str,
+        from: Option<i64>,
+        limit: usize,
+        wait_ms: u64,
+    ) -> Result<EventsPage> {
+        let mut q = format!(
+            "/v1/events?topics={}&limit={limit}&wait_ms={wait_ms}",
+            pct(topics)
+        );
+        if let Some(f) = from {
+            q.push_str(&format!("&from={f}"));
+        }
+        self.call_timeout::<(), _>(
+            Method::GET,
+            &q,
+            None,
+            Duration::from_millis(wait_ms + 30_000),
+        )
+        .await
+    }
+    /// Opens an SSE stream; read it with [`EventStream::next`].
+    pub async fn stream_events(
+        &self,
+        topics: &str,
+        from: Option<i64>,
+        last_event_id: Option<i64>,
+    ) -> Result<EventStream> {
+        let n = self.urls.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_err = String::from("no hub answered");
+        for k in 0..n {
+            let idx = (start + k) % n;
+            let mut url = format!("{}/v1/events/stream?topics={}", self.urls[idx], pct(topics));
+            if let Some(f) = from {
+                url.push_str(&format!("&from={f}"));
+            }
+            let mut req = self.http.get(&url);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(id) = last_event_id {
+                req = req.header("last-event-id", id.to_string());
+            }
+            match req.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(EventStream {
+                        resp,
+                        buf: Vec::new(),
+                    });
+                }
+                Ok(resp) => {
+                    return decode::<Value>(resp)
+                        .await
+                        .and(Err(Error::internal("stream refused")))
+                }
+                Err(e) => last_err = format!("{url}: {e}"),
+            }
+        }
+        Err(Error::unavailable(format!("hub unreachable: {last_err}")))
+    }
+    pub async fn send_message(&self, req: &SendMessageRequest) -> Result<SentMessage> {
+        self.post("/v1/messages", req).await
+    }
+    pub async fn inbox(
+        &self,
+        after: i64,
+        limit: usize,
+        wait_ms: u64,
+        unacked_only: bool,
+    ) -> Result<InboxPage> {
+        let q = format!(
+            "/v1/inbox?after={after}&limit={limit}&wait_ms={wait_ms}&unacked_only={unacked_only}"
+        );
+        self.call_timeout::<(), _>(
+            Method::GET,
+            &q,
+            None,
+            Duration::from_millis(wait_ms + 30_000),
+        )
+        .await
+    }
+    pub async fn ack(&self, message: &str) -> Result<Acked> {
+        self.post(
+            &format!("/v1/inbox/{}/ack", pct(message)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     // ----- system -----
     pub async fn status(&self) -> Result<HubStatus> {
         self.get("/v1/status").await
@@ -335,4 +439,58 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
             format!("hub answered {status}: {}", String::from_utf8_lossy(&bytes)),
         )
     }))
+}
+
+/// One item of an SSE stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    Event(Event),
+    /// The hub ended the stream with an error event (`cursor_expired`, …).
+    Error(Error),
+}
+
+/// An open `GET /v1/events/stream`, parsed frame by frame.
+pub struct EventStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the hub closed the stream.
+    pub async fn next(&mut self) -> Result<Option<StreamItem>> {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let frame: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                let text = String::from_utf8_lossy(&frame);
+                let mut event = None;
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let value: Value = serde_json::from_str(&data)
+                    .map_err(|e| Error::internal(format!("bad event data from the hub: {e}")))?;
+                return Ok(Some(match event.as_deref() {
+                    Some("cursor_expired") | Some("error") => StreamItem::Error(
+                        Error::from_body(&value).unwrap_or_else(|| Error::internal("stream error")),
+                    ),
+                    _ => StreamItem::Event(
+                        serde_json::from_value(value)
+                            .map_err(|e| Error::internal(format!("bad event: {e}")))?,
+                    ),
+                }));
+            }
+            match self.resp.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(Error::unavailable(format!("event stream broke: {e}"))),
+            }
+        }
+    }
 }

@@ -373,3 +373,80 @@ pub struct HubStatus {
     pub ghosts: u64,
     pub last_event_seq: i64,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// Dot-separated words; `sys.…` is the hub's own.
+    pub topic: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Published {
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventsPage {
+    pub events: Vec<Event>,
+    /// Pass as `from` to continue after what this page covered.
+    pub next: i64,
+}
+
+// ---------- messages ----------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessageRequest {
+    /// `instance:ins_…`, `entity:NAME` (every live instance), `primary:NAME`, `cap:CAPABILITY`.
+    pub to: String,
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub body: Value,
+    #[serde(default)]
+    pub thread_id: Option<String>,
+    #[serde(default)]
+    pub ack_required: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct SentMessage {
+    pub id: String,
+    pub thread_id: String,
+    pub delivered_to: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct MessageFrom {
+    pub instance: Option<String>,
+    pub entity: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct InboxMessage {
+    pub id: String,
+    pub from: MessageFrom,
+    pub to: String,
+    pub subject: String,
+    pub body: Value,
+    pub thread_id: String,
+    pub ack_required: bool,
+    pub acked: bool,
+    pub created_at: Timestamp,
+    /// Position in this instance's inbox; pass as `after` to read on.
+    pub cursor: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InboxPage {
+    pub messages: Vec<InboxMessage>,
+    pub next: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Acked {
+    pub acked: bool,
+}

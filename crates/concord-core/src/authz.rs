@@ -70,6 +70,10 @@ pub enum Action {
     StateRead,
     StateWrite,
     StatusRead,
+    EventPublish,
+    EventRead,
+    MessageSend,
+    InboxRead,
 }
 
 use Grant::*;
@@ -95,6 +99,10 @@ impl Action {
         Action::StateRead,
         Action::StateWrite,
         Action::StatusRead,
+        Action::EventPublish,
+        Action::EventRead,
+        Action::MessageSend,
+        Action::InboxRead,
     ];
 
     /// The table.
@@ -107,7 +115,10 @@ impl Action {
             | Action::Route
             | Action::GhostRead
             | Action::StateRead
-            | Action::StatusRead => READ_ALL,
+            | Action::StatusRead
+            | Action::EventRead => READ_ALL,
+            Action::EventPublish | Action::MessageSend => &[Admin, AgentAny, SessionAny],
+            Action::InboxRead => &[SessionSelf],
             Action::InstanceUpdate | Action::InstanceClose => &[Admin, AgentOwnEntity, SessionSelf],
             Action::InstanceHeartbeat => &[SessionSelf],
             Action::PrimaryCampaign => &[Admin, SessionSelf],

@@ -5,6 +5,7 @@
 //! and the client all agree on one definition of, say, "is this fence current",
 //! and each rule is unit- and property-tested without a database.
 
+pub mod address;
 pub mod api;
 pub mod authz;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod ids;
 pub mod presence;
 pub mod time;
 pub mod token;
+pub mod topic;
 pub mod validate;
 
 pub use error::{Error, ErrorCode, Result};

@@ -6,6 +6,7 @@
 //! replica's caches in step with changes made on other replicas, `tail.rs`).
 
 mod auth;
+mod bus;
 mod error;
 mod extract;
 mod limits;
@@ -43,6 +44,16 @@ pub struct HubConfig {
     pub max_body_bytes: usize,
     /// How often the reaper looks for overdue instances.
     pub reap_interval: Duration,
+    /// Event retention: by age and by count (DESIGN §6).
+    pub events_max_age_ms: i64,
+    pub events_max_count: i64,
+    /// How often retention pruning runs.
+    pub retention_interval: Duration,
+    /// How long an ended instance's inbox is kept.
+    pub inbox_retention_ms: i64,
+    /// Open SSE streams and long-polls allowed per token.
+    pub max_streams_per_token: usize,
+    pub max_long_polls_per_token: usize,
 }
 
 impl Default for HubConfig {
@@ -53,6 +64,12 @@ impl Default for HubConfig {
             rate_limit_burst: 10_000,
             max_body_bytes: 1024 * 1024,
             reap_interval: Duration::from_millis(200),
+            events_max_age_ms: 7 * 86_400_000,
+            events_max_count: 1_000_000,
+            retention_interval: Duration::from_secs(10),
+            inbox_retention_ms: 86_400_000,
+            max_streams_per_token: 256,
+            max_long_polls_per_token: 1024,
         }
     }
 }
@@ -68,6 +85,9 @@ pub struct AppState {
     /// Bumped whenever some primary role is released, to wake campaigners that wait.
     pub(crate) primary_released: watch::Sender<u64>,
     pub(crate) started: Instant,
+    /// Every committed event, in seq order, from the log tail (see `bus.rs`).
+    pub(crate) bus: tokio::sync::broadcast::Sender<Arc<concord_core::api::Event>>,
+    pub(crate) subscribers: bus::SubscriberCount,
 }
 
 impl AppState {
@@ -88,7 +108,12 @@ impl Hub {
     pub async fn start(store: DynStore, config: HubConfig) -> concord_core::Result<Hub> {
         let (primary_released, _) = watch::channel(0);
         let state = Arc::new(AppState {
-            limits: limits::Limits::new(config.rate_limit_per_s, config.rate_limit_burst),
+            limits: limits::Limits::new(
+                config.rate_limit_per_s,
+                config.rate_limit_burst,
+                config.max_streams_per_token,
+                config.max_long_polls_per_token,
+            ),
             store,
             config,
             auth: auth::AuthCache::default(),
@@ -96,6 +121,8 @@ impl Hub {
             metrics: metrics::Metrics::default(),
             primary_released,
             started: Instant::now(),
+            bus: tokio::sync::broadcast::channel(bus::BUS_CAPACITY).0,
+            subscribers: bus::SubscriberCount::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let cursor = state.store.last_event_seq().await?;

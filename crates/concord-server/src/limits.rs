@@ -5,20 +5,105 @@ use concord_core::{Error, ErrorCode, Result};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::json;
+use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 
 pub struct Limits {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    streams: Slots,
+    long_polls: Slots,
+}
+
+/// Counts open long-lived requests per token, so one token cannot hold every
+/// connection the hub has. A std Mutex: held for a map update only.
+#[derive(Clone)]
+struct Slots {
+    max: usize,
+    what: &'static str,
+    open: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Frees its slot when the request (or stream) ends, however it ends.
+pub struct Slot {
+    slots: Slots,
+    token: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.slots.open.lock() {
+            if let Some(n) = m.get_mut(&self.token) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.token);
+                }
+            }
+        }
+    }
+}
+
+impl Slots {
+    fn take(&self, token: &str) -> Result<Slot> {
+        let mut m = self
+            .open
+            .lock()
+            .map_err(|_| Error::internal("slot table poisoned"))?;
+        let n = m.entry(token.to_string()).or_insert(0);
+        if *n >= self.max {
+            return Err(Error::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "token {token} already has {} open {}; close one first",
+                    self.max, self.what
+                ),
+            )
+            .with_details(json!({ "retry_after_ms": 1000, "limit": self.max })));
+        }
+        *n += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            token: token.to_string(),
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.open.lock().map(|m| m.values().sum()).unwrap_or(0)
+    }
 }
 
 impl Limits {
     /// `per_second == 0` disables the limit.
-    pub fn new(per_second: u32, burst: u32) -> Limits {
+    pub fn new(per_second: u32, burst: u32, max_streams: usize, max_long_polls: usize) -> Limits {
         let limiter = NonZeroU32::new(per_second).map(|rate| {
             let burst = NonZeroU32::new(burst.max(per_second)).unwrap_or(rate);
             RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
         });
-        Limits { limiter }
+        let slots = |max, what| Slots {
+            max,
+            what,
+            open: Arc::new(Mutex::new(HashMap::new())),
+        };
+        Limits {
+            limiter,
+            streams: slots(max_streams, "event streams"),
+            long_polls: slots(max_long_polls, "long-polls"),
+        }
+    }
+
+    /// A slot for an SSE stream, held for the stream's life.
+    pub fn stream(&self, token_id: &str) -> Result<Slot> {
+        self.streams.take(token_id)
+    }
+
+    /// A slot for a long-poll, held until it answers.
+    pub fn long_poll(&self, token_id: &str) -> Result<Slot> {
+        self.long_polls.take(token_id)
+    }
+
+    /// Open streams and long-polls, for /metrics.
+    pub fn open_counts(&self) -> (usize, usize) {
+        (self.streams.total(), self.long_polls.total())
     }
 
     pub fn check(&self, token_id: &str) -> Result<()> {

@@ -19,9 +19,15 @@ pub(crate) async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(state.config.reap_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u32 = 0;
+    let mut retention = tokio::time::interval(state.config.retention_interval);
+    retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = retention.tick() => {
+                prune(&state).await;
+                continue;
+            }
             _ = stop.changed() => break,
         }
         n = n.wrapping_add(1);
@@ -82,5 +88,22 @@ async fn sweep_durable(state: &Arc<AppState>) {
             }
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn prune(state: &Arc<AppState>) {
+    let c = &state.config;
+    match state
+        .store
+        .prune(
+            c.events_max_age_ms,
+            c.events_max_count,
+            c.inbox_retention_ms,
+        )
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(removed = n, "retention pruned the log and inboxes"),
+        Err(e) => tracing::warn!("retention: {e}"),
     }
 }

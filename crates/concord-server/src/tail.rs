@@ -21,9 +21,11 @@ pub(crate) async fn run(state: Arc<AppState>, mut cursor: i64, mut stop: watch::
             match state.store.read_events(cursor, BATCH).await {
                 Ok(events) => {
                     let n = events.len();
-                    for e in &events {
-                        apply(&state, e);
+                    for e in events {
+                        apply(&state, &e);
                         cursor = e.seq;
+                        // No receivers is fine: nobody is subscribed right now.
+                        let _ = state.bus.send(Arc::new(e));
                     }
                     if n < BATCH {
                         break;

@@ -26,7 +26,7 @@ use std::sync::Arc;
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: EventStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 
@@ -109,6 +109,35 @@ pub trait Store: Send + Sync + 'static {
     /// hint from other replicas. A wake-up signal only: readers fetch the events
     /// themselves with [`Store::read_events`].
     fn watch_events(&self) -> tokio::sync::watch::Receiver<i64>;
+}
+
+/// The event log's write side and agent inboxes (DESIGN §6).
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Appends an event; returns its seq.
+    async fn publish(
+        &self,
+        topic: &str,
+        source: concord_core::api::EventSource,
+        data: serde_json::Value,
+    ) -> Result<i64>;
+    /// Events with seq <= this were removed by retention (0: none yet).
+    async fn event_floor(&self) -> Result<i64>;
+    /// Removes events older than `max_age_ms` or beyond the newest `max_count`, and
+    /// inbox entries of instances that ended more than `inbox_retention_ms` ago.
+    async fn prune(&self, max_age_ms: i64, max_count: i64, inbox_retention_ms: i64) -> Result<u64>;
+    /// Resolves the address to live instances and delivers to each inbox, in one
+    /// transaction; `not_found` when nobody live matches.
+    async fn send_message(&self, msg: NewMessage) -> Result<concord_core::api::SentMessage>;
+    async fn read_inbox(
+        &self,
+        instance: &str,
+        after: i64,
+        limit: usize,
+        unacked_only: bool,
+    ) -> Result<Vec<concord_core::api::InboxMessage>>;
+    /// Acks a message in this instance's inbox; false if it was not there.
+    async fn ack_message(&self, instance: &str, message: &str) -> Result<bool>;
 }
 
 /// Convenience: the heartbeat answer from a durable heartbeat.

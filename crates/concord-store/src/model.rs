@@ -78,6 +78,20 @@ pub struct StateDelete {
     pub actor: Principal,
 }
 
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub thread_id: Option<String>,
+    pub from: concord_core::api::MessageFrom,
+    pub token: String,
+    pub to: concord_core::address::Address,
+    /// The address as written (`entity:sisters`).
+    pub to_text: String,
+    pub subject: String,
+    pub body: Value,
+    pub ack_required: bool,
+}
+
 /// Event topics the hub appends (DESIGN §6: `sys.` is reserved for the hub).
 pub mod topics {
     pub const INSTANCE_REGISTERED: &str = "sys.instance.registered";
@@ -91,4 +105,6 @@ pub mod topics {
     pub const STATE_CHANGED: &str = "sys.state.changed";
     pub const TOKEN_CREATED: &str = "sys.token.created";
     pub const TOKEN_REVOKED: &str = "sys.token.revoked";
+    pub const MESSAGE_SENT: &str = "sys.message.sent";
+    pub const MESSAGE_ACKED: &str = "sys.message.acked";
 }

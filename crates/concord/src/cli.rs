@@ -6,7 +6,8 @@ use crate::output::{self, ago, opt, table};
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use concord_client::Client;
-use concord_core::api::{CreateTokenRequest, Instance, Role};
+use concord_client::StreamItem;
+use concord_core::api::{CreateTokenRequest, Instance, Role, SendMessageRequest};
 use concord_core::token::TokenKind;
 use serde_json::Value;
 
@@ -82,6 +83,53 @@ pub enum ClientCommand {
     /// Read and write an entity's fenced state.
     #[command(subcommand)]
     State(StateCmd),
+    /// Publish an event: TOPIC and DATA (JSON; a bare word is a string).
+    Publish {
+        topic: String,
+        data: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Follow events live (SSE), e.g. `concord tail 'crew.>' 'sys.primary.*'`.
+    Tail {
+        /// Patterns: `*` one word, `>` the rest. Default: everything.
+        patterns: Vec<String>,
+        /// Start after this seq (default: from now on).
+        #[arg(long)]
+        from: Option<i64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Send a message: TO is instance:ID, entity:NAME, primary:NAME or cap:CAPABILITY.
+    Send {
+        to: String,
+        subject: String,
+        body: String,
+        #[arg(long)]
+        thread: Option<String>,
+        #[arg(long)]
+        ack_required: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Read this instance's inbox (needs the instance's session token).
+    Inbox {
+        /// Wait up to 30 s for a message.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long)]
+        unacked: bool,
+        /// Ack what was read.
+        #[arg(long)]
+        ack: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -271,6 +319,93 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
                 .collect();
             table(&["INSTANCE", "ENTITY", "REASON", "HOST", "SEEN"], &rows);
         }
+        ClientCommand::Publish { topic, data, conn } => {
+            let p = conn
+                .client()?
+                .publish(&topic, parse_value(&data))
+                .await
+                .map_err(e)?;
+            if conn.json {
+                return output::json(&p);
+            }
+            println!("published {topic} at seq {}", p.seq);
+        }
+        ClientCommand::Tail {
+            patterns,
+            from,
+            count,
+            conn,
+        } => tail(patterns, from, count, conn).await?,
+        ClientCommand::Send {
+            to,
+            subject,
+            body,
+            thread,
+            ack_required,
+            conn,
+        } => {
+            let req = SendMessageRequest {
+                to,
+                subject,
+                body: parse_value(&body),
+                thread_id: thread,
+                ack_required,
+            };
+            let m = conn.client()?.send_message(&req).await.map_err(e)?;
+            if conn.json {
+                return output::json(&m);
+            }
+            println!(
+                "sent {} (thread {}) to {}",
+                m.id,
+                m.thread_id,
+                m.delivered_to.join(", ")
+            );
+        }
+        ClientCommand::Inbox {
+            wait,
+            after,
+            unacked,
+            ack,
+            conn,
+        } => {
+            let c = conn.client()?;
+            let page = c
+                .inbox(after, 100, if wait { 30_000 } else { 0 }, unacked)
+                .await
+                .map_err(e)?;
+            if ack {
+                for m in &page.messages {
+                    c.ack(&m.id).await.map_err(e)?;
+                }
+            }
+            if conn.json {
+                return output::json(&page);
+            }
+            let rows: Vec<Vec<String>> = page
+                .messages
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.cursor.to_string(),
+                        m.id.clone(),
+                        opt(&m.from.instance),
+                        m.subject.clone(),
+                        m.body.to_string(),
+                        if m.acked || ack {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
+                        ago(m.created_at.millis()),
+                    ]
+                })
+                .collect();
+            table(
+                &["CURSOR", "ID", "FROM", "SUBJECT", "BODY", "ACKED", "SENT"],
+                &rows,
+            );
+        }
         ClientCommand::Token(t) => token(t).await?,
         ClientCommand::State(s) => state(s).await?,
     }
@@ -420,4 +555,67 @@ async fn state(cmd: StateCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn tail(
+    patterns: Vec<String>,
+    from: Option<i64>,
+    count: Option<usize>,
+    conn: Conn,
+) -> Result<()> {
+    let c = conn.client()?;
+    let topics = if patterns.is_empty() {
+        ">".to_string()
+    } else {
+        patterns.join(",")
+    };
+    let from = match from {
+        Some(f) => f,
+        None => c.status().await.map_err(e)?.last_event_seq,
+    };
+    let mut last = from;
+    let mut seen = 0usize;
+    loop {
+        let mut stream = match c.stream_events(&topics, None, Some(last)).await {
+            Ok(s) => s,
+            Err(err) if err.code == concord_core::ErrorCode::Unavailable => {
+                eprintln!("tail: {}; retrying", err.message);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(err) => return Err(e(err)),
+        };
+        loop {
+            match stream.next().await {
+                Ok(Some(StreamItem::Event(ev))) => {
+                    last = ev.seq;
+                    if conn.json {
+                        println!("{}", serde_json::to_string(&ev)?);
+                    } else {
+                        let who = ev
+                            .source
+                            .instance
+                            .clone()
+                            .or(ev.source.token.clone())
+                            .unwrap_or_else(|| "hub".into());
+                        println!(
+                            "{:>8}  {}  {:<28} {:<30} {}",
+                            ev.seq,
+                            ev.time.to_rfc3339(),
+                            ev.topic,
+                            who,
+                            ev.data
+                        );
+                    }
+                    seen += 1;
+                    if count.is_some_and(|n| seen >= n) {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(StreamItem::Error(err))) => return Err(e(err)),
+                // The hub closed or the connection broke: resume from the last seq.
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
 }

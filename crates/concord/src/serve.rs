@@ -42,6 +42,15 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub max_body: usize,
+    /// Event retention by age, in seconds.
+    #[arg(long, default_value_t = 7 * 86_400)]
+    pub events_max_age: i64,
+    /// Event retention by count: the newest N events are kept.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events_max_count: i64,
+    /// How often retention runs, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub retention_interval_ms: u64,
 }
 
 /// The default data directory, shared by `serve` and the CLI's discovery.
@@ -171,6 +180,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         rate_limit_per_s: args.rate_limit,
         rate_limit_burst: args.rate_limit.saturating_mul(2),
         max_body_bytes: args.max_body,
+        events_max_age_ms: args.events_max_age.saturating_mul(1000),
+        events_max_count: args.events_max_count.max(1),
+        retention_interval: std::time::Duration::from_millis(args.retention_interval_ms.max(100)),
         ..HubConfig::default()
     };
     let hub = Hub::start(store.clone(), config)

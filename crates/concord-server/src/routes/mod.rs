@@ -2,7 +2,9 @@
 //! the response; the rules themselves live in concord-core and the store.
 
 pub(crate) mod entities;
+pub(crate) mod events;
 pub(crate) mod instances;
+pub(crate) mod messages;
 pub(crate) mod state;
 pub(crate) mod system;
 pub(crate) mod tokens;
@@ -45,6 +47,11 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
             "/v1/entities/{entity}/state/{*key}",
             get(state::get).put(state::put).delete(state::delete),
         )
+        .route("/v1/events", post(events::publish).get(events::read))
+        .route("/v1/events/stream", get(events::stream))
+        .route("/v1/messages", post(messages::send))
+        .route("/v1/inbox", get(messages::inbox))
+        .route("/v1/inbox/{id}/ack", post(messages::ack))
         .route("/v1/status", get(system::status))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))

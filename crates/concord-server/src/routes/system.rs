@@ -54,7 +54,23 @@ pub(crate) async fn status(
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "system", security(()), responses((status = 200, description = "Prometheus text")))]
 pub(crate) async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    let (streams, long_polls) = s.limits.open_counts();
     let gauges = [
+        (
+            "concord_event_subscribers",
+            "Live event subscriptions (SSE streams and long-polls).",
+            s.subscribers.get() as f64,
+        ),
+        (
+            "concord_open_streams",
+            "Open SSE event streams.",
+            streams as f64,
+        ),
+        (
+            "concord_open_long_polls",
+            "Open long-polls.",
+            long_polls as f64,
+        ),
         (
             "concord_presence_instances",
             "Instances whose heartbeats this hub answers from memory.",

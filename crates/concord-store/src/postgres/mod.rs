@@ -50,6 +50,9 @@ const POOL_WAIT: Duration = Duration::from_secs(5);
 /// Attempts of a transaction that PostgreSQL rolled back for a serialization
 /// failure or a deadlock before giving up with `unavailable`.
 const MAX_ATTEMPTS: u32 = 5;
+/// Longest an operation may take, waits included. PostgreSQL gives up on a dead
+/// peer only after TCP timeouts of minutes; a request must fail sooner than that.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The LISTEN/NOTIFY channel that wakes the other replicas' event readers.
 pub const NOTIFY_CHANNEL: &str = "concord_events";
 /// The listener re-reads the event counter this often even without a
@@ -181,7 +184,7 @@ impl Inner {
         F: for<'a, 'c> FnMut(&'a mut Tx<'c>) -> TxFuture<'a, T> + Send + 'static,
     {
         let inner = self.clone();
-        tokio::spawn(async move { inner.write_here(op).await })
+        tokio::spawn(async move { timed(inner.write_here(op)).await })
             .await
             .map_err(|e| Error::internal(format!("a store transaction failed: {e}")))?
     }
@@ -228,6 +231,17 @@ impl Inner {
     }
 }
 
+/// Bounds an operation by [`OP_TIMEOUT`].
+async fn timed<T>(op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(OP_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::unavailable(format!(
+                "database unavailable: no answer within {OP_TIMEOUT:?}"
+            )))
+        })
+}
+
 /// Raises a watch to `seq` if it is higher: commits finish in seq order, but the
 /// tasks that report them may not run in that order.
 fn raise(w: &watch::Sender<i64>, seq: i64) {
@@ -267,10 +281,13 @@ macro_rules! write_op {
 /// Runs one read on a pooled connection (no transaction: each read is one
 /// statement, or, like SQLite's, a few that need no common snapshot).
 macro_rules! read_op {
-    ($store:expr, |$c:ident| $call:expr) => {{
-        let $c = $store.inner.client().await?;
-        $call.await.map_err(Error::from)
-    }};
+    ($store:expr, |$c:ident| $call:expr) => {
+        timed(async {
+            let $c = $store.inner.client().await?;
+            $call.await.map_err(Error::from)
+        })
+        .await
+    };
 }
 
 impl PostgresStore {

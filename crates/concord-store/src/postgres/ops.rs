@@ -105,7 +105,7 @@ pub(crate) type TxFuture<'a, T> = Pin<Box<dyn Future<Output = R<T>> + Send + 'a>
 pub(crate) struct Tx<'c> {
     pub(crate) c: deadpool_postgres::Transaction<'c>,
     pub(crate) now: i64,
-    pending: Vec<(&'static str, String, String)>,
+    pending: Vec<(std::borrow::Cow<'static, str>, String, String)>,
     /// Seqs assigned to the events flushed so far, in append order.
     seqs: Vec<i64>,
 }
@@ -125,7 +125,16 @@ impl<'c> Tx<'c> {
     /// Queues an event; returns its index for [`Tx::seq_of`].
     fn event(&mut self, topic: &'static str, source: &EventSource, data: Value) -> usize {
         let idx = self.seqs.len() + self.pending.len();
-        self.pending.push((topic, to_json(source), to_json(&data)));
+        self.pending
+            .push((topic.into(), to_json(source), to_json(&data)));
+        idx
+    }
+
+    /// Queues an event whose topic is not a hub constant (published by a client).
+    fn event_owned(&mut self, topic: String, source: &EventSource, data: Value) -> usize {
+        let idx = self.seqs.len() + self.pending.len();
+        self.pending
+            .push((topic.into(), to_json(source), to_json(&data)));
         idx
     }
 
@@ -145,7 +154,7 @@ impl<'c> Tx<'c> {
             0,
         )?;
         let seqs: Vec<i64> = (last - n + 1..=last).collect();
-        let topics: Vec<&str> = self.pending.iter().map(|e| e.0).collect();
+        let topics: Vec<&str> = self.pending.iter().map(|e| e.0.as_ref()).collect();
         let sources: Vec<&str> = self.pending.iter().map(|e| e.1.as_str()).collect();
         let datas: Vec<&str> = self.pending.iter().map(|e| e.2.as_str()).collect();
         exec(
@@ -1396,3 +1405,5 @@ pub(crate) async fn read_events<C: GenericClient>(
 pub(crate) async fn last_event_seq<C: GenericClient>(c: &C) -> R<i64> {
     get(&row_one(c, LAST_SEQ_SQL, &[]).await?, 0)
 }
+
+mod events;

@@ -15,9 +15,10 @@
 use super::pg_err;
 use concord_core::{Error, Result};
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE tokens (
     id          TEXT COLLATE "C" PRIMARY KEY,
     kind        TEXT COLLATE "C" NOT NULL,
@@ -100,7 +101,41 @@ CREATE TABLE event_counter (
 );
 INSERT INTO event_counter (id, seq) VALUES (1, 0);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE log_meta (
+    key   TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+CREATE INDEX events_time ON events(time);
+
+CREATE TABLE messages (
+    id            TEXT PRIMARY KEY,
+    thread_id     TEXT NOT NULL,
+    from_instance TEXT,
+    from_entity   TEXT,
+    to_addr       TEXT NOT NULL,
+    subject       TEXT NOT NULL,
+    body          JSON NOT NULL,
+    ack_required  BOOLEAN NOT NULL,
+    created_at    BIGINT NOT NULL
+);
+
+-- cursor is the seq of the message's sys.message.sent event: log positions become
+-- visible in order, so a reader reading after a cursor never skips a late commit.
+CREATE TABLE inbox (
+    instance   TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    cursor     BIGINT NOT NULL,
+    acked_at   BIGINT,
+    PRIMARY KEY (instance, message_id)
+);
+CREATE INDEX inbox_instance ON inbox(instance, cursor);
+"#,
+    ),
+];
 
 /// Creates the schema if asked, applies the migrations not yet recorded in
 /// `schema_migrations`, and returns the schema's name (the store's key in NOTIFY

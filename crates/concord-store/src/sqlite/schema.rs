@@ -6,9 +6,10 @@ use rusqlite::Connection;
 
 use super::db_err;
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE tokens (
     id          TEXT PRIMARY KEY,
     kind        TEXT NOT NULL,
@@ -81,7 +82,40 @@ CREATE TABLE events (
     data   TEXT NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE log_meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE INDEX events_time ON events(time);
+
+CREATE TABLE messages (
+    id            TEXT PRIMARY KEY,
+    thread_id     TEXT NOT NULL,
+    from_instance TEXT,
+    from_entity   TEXT,
+    to_addr       TEXT NOT NULL,
+    subject       TEXT NOT NULL,
+    body          TEXT NOT NULL,
+    ack_required  INTEGER NOT NULL,
+    created_at    INTEGER NOT NULL
+);
+
+-- cursor is the seq of the message's sys.message.sent event (as in PostgreSQL).
+CREATE TABLE inbox (
+    instance   TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    cursor     INTEGER NOT NULL,
+    acked_at   INTEGER,
+    PRIMARY KEY (instance, message_id)
+);
+CREATE INDEX inbox_instance ON inbox(instance, cursor);
+"#,
+    ),
+];
 
 /// Applies the migrations not yet recorded in `schema_migrations`.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {

@@ -5,5 +5,6 @@ mod harness;
 mod bad_input;
 mod cli;
 mod crash;
+mod events;
 mod primaries;
 mod tokens;

@@ -1,0 +1,185 @@
+use super::instances::require_labelled;
+use crate::bus::Subscription;
+use crate::error::ApiResult;
+use crate::extract::{Caller, Json, Query};
+use crate::AppState;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use concord_core::api::{EventSource, EventsPage, PublishRequest, Published};
+use concord_core::authz::{authorize, Action, Target};
+use concord_core::topic::{is_reserved, validate_topic, PatternSet};
+use concord_core::validate::json_size;
+use concord_core::{Error, ErrorCode};
+use serde::Deserialize;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest `data` of one event.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+const MAX_WAIT_MS: u64 = 60_000;
+
+/// Publish an event. `sys.…` topics are the hub's own.
+#[utoipa::path(post, path = "/v1/events", tag = "events", request_body = PublishRequest,
+    responses((status = 201, body = Published)))]
+pub(crate) async fn publish(
+    State(s): State<Arc<AppState>>,
+    Caller(p): Caller,
+    Json(req): Json<PublishRequest>,
+) -> ApiResult<(StatusCode, axum::Json<Published>)> {
+    validate_topic("topic", &req.topic)?;
+    json_size("data", &req.data, MAX_EVENT_BYTES)?;
+    authorize(
+        &p,
+        Action::EventPublish,
+        Target {
+            entity: p.entity.as_deref(),
+            instance: p.instance.as_deref(),
+        },
+    )?;
+    if is_reserved(&req.topic) {
+        return Err(Error::forbidden(format!(
+            "topic {:?}: sys.* is reserved for the hub",
+            req.topic
+        ))
+        .into());
+    }
+    require_labelled(&s, &p).await?;
+    let source = EventSource {
+        instance: p.instance.clone(),
+        entity: p.entity.clone(),
+        token: Some(p.token_id.clone()),
+    };
+    let seq = s.store.publish(&req.topic, source, req.data).await?;
+    Ok((StatusCode::CREATED, axum::Json(Published { seq })))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReadQuery {
+    /// Comma-separated patterns: `*` one word, `>` the rest. Default: everything.
+    topics: Option<String>,
+    /// Return events with seq > from. Default: the oldest retained.
+    from: Option<i64>,
+    /// At most this many events (1..=1000, default 100).
+    limit: Option<usize>,
+    /// Wait up to this long for a first matching event (0..=60000).
+    wait_ms: Option<u64>,
+}
+
+async fn start_cursor(s: &AppState, from: Option<i64>) -> ApiResult<i64> {
+    match from {
+        Some(f) if f < 0 => Err(Error::bad_field("from", "must be >= 0").into()),
+        Some(f) => Ok(f),
+        None => Ok(s.store.event_floor().await?),
+    }
+}
+
+/// Read events by long-poll: returns as soon as one matches, or empty at `wait_ms`.
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(ReadQuery),
+    responses((status = 200, body = EventsPage)))]
+pub(crate) async fn read(
+    State(s): State<Arc<AppState>>,
+    Caller(p): Caller,
+    Query(q): Query<ReadQuery>,
+) -> ApiResult<axum::Json<EventsPage>> {
+    authorize(&p, Action::EventRead, Target::default())?;
+    let patterns = PatternSet::parse("topics", q.topics.as_deref())?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::bad_field("limit", "must be between 1 and 1000").into());
+    }
+    let wait_ms = q.wait_ms.unwrap_or(0);
+    if wait_ms > MAX_WAIT_MS {
+        return Err(Error::bad_field("wait_ms", format!("at most {MAX_WAIT_MS}")).into());
+    }
+    let from = start_cursor(&s, q.from).await?;
+    let _slot = s.limits.long_poll(&p.token_id)?;
+    let mut sub = Subscription::new(s.clone(), patterns, from);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    let mut events = Vec::new();
+    // What the log already holds comes first, whatever wait_ms says; only an empty
+    // answer waits for a publish, and then takes what arrived with it.
+    loop {
+        while events.len() < limit {
+            match sub.next_ready().await? {
+                Some(e) => events.push((*e).clone()),
+                None => break,
+            }
+        }
+        if !events.is_empty() {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(e) => events.push((*e?).clone()),
+            Err(_) => break,
+        }
+    }
+    Ok(axum::Json(EventsPage {
+        events,
+        next: sub.resume_point(),
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StreamQuery {
+    topics: Option<String>,
+    /// Resume after this seq; the `Last-Event-ID` header wins over it.
+    from: Option<i64>,
+}
+
+/// Server-sent events: `id: <seq>`, `event: <topic>`, `data: <event json>`.
+/// Resumes from `Last-Event-ID`; keep-alive comments every 15 s.
+#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(StreamQuery),
+    responses((status = 200, description = "text/event-stream")))]
+pub(crate) async fn stream(
+    State(s): State<Arc<AppState>>,
+    Caller(p): Caller,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> ApiResult<Response> {
+    authorize(&p, Action::EventRead, Target::default())?;
+    let patterns = PatternSet::parse("topics", q.topics.as_deref())?;
+    let last_id = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        Some(v) => Some(
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| Error::bad_field("Last-Event-ID", "must be an event seq"))?,
+        ),
+        None => None,
+    };
+    let from = start_cursor(&s, last_id.or(q.from)).await?;
+    let slot = s.limits.stream(&p.token_id)?;
+    let sub = Subscription::new(s.clone(), patterns, from);
+    let stream = futures::stream::unfold(Some((sub, slot)), |st| async move {
+        let (mut sub, slot) = st?;
+        match sub.next().await {
+            Ok(e) => {
+                let data = serde_json::to_string(&*e).unwrap_or_else(|_| "{}".into());
+                let ev = SseEvent::default()
+                    .id(e.seq.to_string())
+                    .event(e.topic.clone())
+                    .data(data);
+                Some((Ok::<_, Infallible>(ev), Some((sub, slot))))
+            }
+            Err(err) => {
+                let code = if err.code == ErrorCode::CursorExpired {
+                    "cursor_expired"
+                } else {
+                    "error"
+                };
+                let ev = SseEvent::default()
+                    .event(code)
+                    .data(err.to_body().to_string());
+                // Send this last event, then end the stream.
+                Some((Ok(ev), None))
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}

@@ -1,0 +1,330 @@
+//! What only PostgreSQL has: several hub replicas (two stores, two pools) on one
+//! schema, the LISTEN/NOTIFY wake-up between them, concurrent migrations, and
+//! losing the database and getting it back.
+
+use crate::harness::*;
+use crate::races;
+use concord_core::api::Role;
+use concord_core::token::TokenKind;
+use concord_core::ErrorCode;
+use concord_store::postgres::PostgresStore;
+use concord_store::{DynStore, NewToken, Store};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Two replicas on one fresh schema.
+async fn replicas(test: &str) -> Option<(String, String, DynStore, DynStore)> {
+    let url = pg_url(test)?;
+    let schema = fresh_schema();
+    let a = pg_store(&url, &schema).await;
+    let b = pg_store(&url, &schema).await;
+    Some((url, schema, a, b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn campaign_race_across_two_replicas() {
+    let Some((url, schema, a, b)) = replicas("pg_only::campaign_race_across_two_replicas").await
+    else {
+        return;
+    };
+    races::campaign_race(vec![a, b]).await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_positions_become_visible_in_order_across_two_replicas() {
+    let Some((url, schema, a, b)) =
+        replicas("pg_only::event_positions_become_visible_in_order_across_two_replicas").await
+    else {
+        return;
+    };
+    races::event_order(vec![a, b]).await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reapers_on_two_replicas_expire_each_instance_once() {
+    let Some((url, schema, a, b)) =
+        replicas("pg_only::reapers_on_two_replicas_expire_each_instance_once").await
+    else {
+        return;
+    };
+    races::reaper_race(vec![a, b]).await;
+    drop_schema(&url, &schema).await;
+}
+
+/// Waits until `store`'s commit watch reaches `seq`.
+async fn watch_reaches(store: &DynStore, seq: i64, secs: u64) {
+    let mut rx = store.watch_events();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while *rx.borrow_and_update() < seq {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the watch never reached {seq} (at {})",
+            *rx.borrow()
+        );
+        let _ = tokio::time::timeout(left, rx.changed()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_hears_commits_of_another_replica() {
+    let Some((url, schema, a, b)) =
+        replicas("pg_only::watch_hears_commits_of_another_replica").await
+    else {
+        return;
+    };
+    let mut rx = b.watch_events();
+    let seen = *rx.borrow_and_update();
+    for i in 0..20 {
+        register(&a, "sisters", Role::Secondary, Some(&format!("pane {i}"))).await;
+    }
+    let last = a.last_event_seq().await.unwrap();
+    assert!(last > seen);
+    // Woken by NOTIFY (the periodic re-read would take seconds longer).
+    let t0 = Instant::now();
+    watch_reaches(&b, last, 10).await;
+    eprintln!(
+        "replica b heard seq {last} {:?} after the last commit",
+        t0.elapsed()
+    );
+    assert_eq!(
+        b.read_events(seen, 1000)
+            .await
+            .unwrap()
+            .last()
+            .map(|e| e.seq),
+        Some(last)
+    );
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_starting_together_migrate_once() {
+    let Some(url) = pg_url("pg_only::replicas_starting_together_migrate_once") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, schema) = (url.clone(), schema.clone());
+            tokio::spawn(async move { PostgresStore::connect_with(&url, Some(&schema), 2).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for s in starts {
+        stores.push(s.await.unwrap().expect("every replica starts"));
+    }
+    let admin = pg_admin(&url).await;
+    let applied: i64 = admin
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.schema_migrations"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
+    let counters: i64 = admin
+        .query_one(&format!("SELECT count(*) FROM {schema}.event_counter"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(counters, 1);
+    // And a later start finds everything in place.
+    let again = PostgresStore::connect_with(&url, Some(&schema), 2)
+        .await
+        .unwrap();
+    assert_eq!(again.last_event_seq().await.unwrap(), 0);
+    drop(stores);
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_is_unavailable() {
+    // Nothing listens on port 1: refused at once, reported as 503, not a hang.
+    let t0 = Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(20),
+        PostgresStore::connect(
+            "postgres://postgres@127.0.0.1:1/test",
+            Some("t_unreachable"),
+        ),
+    )
+    .await
+    .expect("connect gives up in bounded time");
+    let e = res.err().expect("cannot connect");
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+    assert!(
+        e.message.starts_with("database unavailable"),
+        "{}",
+        e.message
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_names_are_checked() {
+    for bad in ["Upper", "has space", "semi;colon", "pg_catalog", "", "1abc"] {
+        let e = PostgresStore::connect("postgres://postgres@127.0.0.1:1/test", Some(bad))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(e.code, ErrorCode::BadRequest, "{bad:?}: {e:?}");
+    }
+}
+
+/// A TCP proxy in front of the database, to take it away and bring it back
+/// without touching the real server (other tests share it).
+struct Proxy {
+    port: u16,
+    target: String,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start(port: u16, target: String) -> Proxy {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let to = target.clone();
+        let task = tokio::spawn(async move {
+            // Dropping the set (when this task is aborted) drops every open pipe:
+            // to the store, the database has gone away.
+            let mut pipes = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = to.clone();
+                pipes.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while pipes.try_join_next().is_some() {}
+            }
+        });
+        Proxy {
+            port,
+            target,
+            task: Some(task),
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.stop().await;
+        *self = Proxy::start(self.port, self.target.clone()).await;
+    }
+}
+
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn survives_the_database_going_away_and_coming_back() {
+    let Some(url) = pg_url("pg_only::survives_the_database_going_away_and_coming_back") else {
+        return;
+    };
+    let cfg: tokio_postgres::Config = url.parse().unwrap();
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => {
+            eprintln!("!!! SKIPPED survives_the_database_going_away_and_coming_back: needs a TCP database URL !!!");
+            return;
+        }
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let mut proxy = Proxy::start(0, format!("{host}:{port}")).await;
+    let user = cfg.get_user().unwrap_or("postgres");
+    let mut via_proxy = format!(
+        "host=127.0.0.1 port={} user={} dbname={}",
+        proxy.port,
+        quote(user),
+        quote(cfg.get_dbname().unwrap_or(user))
+    );
+    if let Some(pw) = cfg.get_password() {
+        via_proxy.push_str(&format!(
+            " password={}",
+            quote(&String::from_utf8_lossy(pw))
+        ));
+    }
+    let schema = fresh_schema();
+    let a: DynStore = Arc::new(
+        PostgresStore::connect_with(&via_proxy, Some(&schema), 4)
+            .await
+            .expect("connect via proxy"),
+    );
+    let b = pg_store(&url, &schema).await;
+    let inst = register(&a, "sisters", Role::Primary, Some("main"))
+        .await
+        .instance;
+    let token = |name: &str| {
+        let id = concord_core::ids::new_id(concord_core::ids::TOKEN);
+        NewToken {
+            secret_hash: format!("hash:{id}"),
+            id,
+            kind: TokenKind::Reader,
+            entity: None,
+            name: Some(name.into()),
+            instance: None,
+        }
+    };
+
+    // The database goes away: every kind of call answers 503, promptly.
+    proxy.stop().await;
+    let t0 = Instant::now();
+    for e in [
+        expect_err(a.list_tokens().await, ErrorCode::Unavailable),
+        expect_err(
+            a.create_token(token("while down")).await,
+            ErrorCode::Unavailable,
+        ),
+        expect_err(a.heartbeat(&inst.id, "hub-a").await, ErrorCode::Unavailable),
+        expect_err(
+            a.campaign("sisters", &inst.id).await,
+            ErrorCode::Unavailable,
+        ),
+    ] {
+        assert!(
+            e.message.starts_with("database unavailable"),
+            "{}",
+            e.message
+        );
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+
+    // It comes back: the pool hands out fresh connections at once.
+    proxy.restart().await;
+    a.list_tokens().await.expect("reads work again");
+    a.create_token(token("after"))
+        .await
+        .expect("writes work again");
+    let hb = a
+        .heartbeat(&inst.id, "hub-a")
+        .await
+        .expect("heartbeats work again");
+    assert_eq!(hb.fence, Some(1));
+
+    // And the listener has reconnected: another replica's commit reaches it.
+    register(&b, "sisters", Role::Secondary, Some("from b")).await;
+    let last = b.last_event_seq().await.unwrap();
+    watch_reaches(&a, last, 30).await;
+
+    drop(a);
+    proxy.stop().await;
+    drop_schema(&url, &schema).await;
+}
