@@ -450,3 +450,233 @@ pub struct InboxPage {
 pub struct Acked {
     pub acked: bool,
 }
+
+// ---------- work queue ----------
+
+pub use crate::task::TaskState;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueRequest {
+    pub queue: String,
+    #[serde(default)]
+    pub payload: Value,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Capabilities the claiming instance must have.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    /// Only this instance may claim it.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The same key again returns the same task (`deduplicated: true`).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Default 3.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// First retry delay; doubles each attempt. Default 1000.
+    #[serde(default)]
+    pub backoff_ms: Option<i64>,
+    /// Not claimable before this time (state `scheduled` until then).
+    #[serde(default)]
+    pub not_before: Option<Timestamp>,
+    /// Claimable only once all of these completed; cancelled if one dies.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Default lease for claims of this task when the claim does not say.
+    #[serde(default)]
+    pub timeout_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub queue: String,
+    pub state: TaskState,
+    pub priority: i32,
+    pub payload: Value,
+    pub requires: Vec<String>,
+    pub target: Option<String>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub backoff_ms: i64,
+    pub timeout_ms: Option<i64>,
+    pub claimed_by: Option<String>,
+    pub lease_until: Option<Timestamp>,
+    pub progress: Option<Value>,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub not_before: Option<Timestamp>,
+    pub depends_on: Vec<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub completed_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskEnvelope {
+    pub task: Task,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deduplicated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueBatchRequest {
+    pub tasks: Vec<EnqueueRequest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskList {
+    pub tasks: Vec<Task>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    #[serde(default)]
+    pub queues: Vec<String>,
+    /// 1..=1000, default 1.
+    #[serde(default)]
+    pub max: Option<u32>,
+    /// Lease of the claim; default the task's timeout_ms, else 30000.
+    #[serde(default)]
+    pub lease_ms: Option<i64>,
+    /// Wait up to this long for something claimable (0..=60000).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ClaimedTask {
+    #[serde(flatten)]
+    pub task: Task,
+    /// Present with heartbeat, complete and fail; stale once the claim is lost.
+    pub claim: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClaimResponse {
+    pub tasks: Vec<ClaimedTask>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskHeartbeatRequest {
+    pub claim: String,
+    #[serde(default)]
+    pub progress: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskLease {
+    pub lease_until: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    pub claim: String,
+    #[serde(default)]
+    pub result: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailRequest {
+    pub claim: String,
+    #[serde(default)]
+    pub error: String,
+    /// Default true: retry after backoff while attempts remain.
+    #[serde(default)]
+    pub retry: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteItem {
+    pub id: String,
+    pub claim: String,
+    #[serde(default)]
+    pub result: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteBatchRequest {
+    pub items: Vec<CompleteItem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct ItemOutcome {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CompleteBatchResponse {
+    pub results: Vec<ItemOutcome>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]
+pub struct QueueStats {
+    pub name: String,
+    pub pending: u64,
+    pub scheduled: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub dead: u64,
+    pub cancelled: u64,
+    pub oldest_pending_age_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QueueList {
+    pub queues: Vec<QueueStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PutScheduleRequest {
+    pub queue: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default)]
+    pub every_ms: Option<i64>,
+    /// 5 fields: minute hour day month weekday (UTC).
+    #[serde(default)]
+    pub cron: Option<String>,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default)]
+    pub requires: Vec<String>,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Schedule {
+    pub name: String,
+    pub queue: String,
+    pub payload: Value,
+    pub every_ms: Option<i64>,
+    pub cron: Option<String>,
+    pub priority: i32,
+    pub requires: Vec<String>,
+    pub max_attempts: u32,
+    pub next_due: Timestamp,
+    pub last_enqueued_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleList {
+    pub schedules: Vec<Schedule>,
+}

@@ -12,6 +12,7 @@ pub mod error;
 pub mod fencing;
 pub mod ids;
 pub mod presence;
+pub mod task;
 pub mod time;
 pub mod token;
 pub mod topic;

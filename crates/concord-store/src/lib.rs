@@ -9,9 +9,11 @@
 
 mod model;
 pub mod postgres;
+pub mod queue;
 pub mod sqlite;
 
 pub use model::*;
+pub use queue::*;
 
 use async_trait::async_trait;
 use concord_core::api::{
@@ -26,7 +28,7 @@ use std::sync::Arc;
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
-pub trait Store: EventStore + Send + Sync + 'static {
+pub trait Store: EventStore + QueueStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

@@ -107,4 +107,12 @@ pub mod topics {
     pub const TOKEN_REVOKED: &str = "sys.token.revoked";
     pub const MESSAGE_SENT: &str = "sys.message.sent";
     pub const MESSAGE_ACKED: &str = "sys.message.acked";
+    pub const TASK_ENQUEUED: &str = "sys.task.enqueued";
+    pub const TASK_CLAIMED: &str = "sys.task.claimed";
+    pub const TASK_COMPLETED: &str = "sys.task.completed";
+    pub const TASK_FAILED: &str = "sys.task.failed";
+    pub const TASK_DEAD: &str = "sys.task.dead";
+    pub const TASK_CANCELLED: &str = "sys.task.cancelled";
+    pub const TASK_REQUEUED: &str = "sys.task.requeued";
+    pub const SCHEDULE_CHANGED: &str = "sys.schedule.changed";
 }

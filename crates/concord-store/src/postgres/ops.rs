@@ -388,6 +388,7 @@ async fn end_instance(
             );
         }
     }
+    queue::release_claims(t, &inst.id).await?;
     let topic = match state {
         InstanceState::Closed => topics::INSTANCE_CLOSED,
         _ => topics::INSTANCE_EXPIRED,
@@ -407,7 +408,9 @@ fn is_live(inst: &Instance, now: i64) -> bool {
 }
 
 /// The live primary of an entity, expiring a holder whose durable lease lapsed.
-/// Caller holds the entity's lock.
+/// Caller holds the entity's lock. The holder's row is read locked: heartbeats
+/// extend leases without the entity lock, so an unlocked read could judge a lease
+/// lapsed from a version that a heartbeat committing at that moment replaces.
 async fn live_primary(t: &mut Tx<'_>, entity: &str) -> R<(u64, Option<Instance>)> {
     let Some((epoch, primary)) = entity_row(&t.c, entity).await? else {
         return Ok((0, None));
@@ -415,7 +418,7 @@ async fn live_primary(t: &mut Tx<'_>, entity: &str) -> R<(u64, Option<Instance>)
     let Some(pid) = primary else {
         return Ok((epoch, None));
     };
-    match get_instance(&t.c, &pid).await? {
+    match lock_instance(t, &pid).await? {
         Some(p) if is_live(&p, t.now) => Ok((epoch, Some(p))),
         Some(p) => {
             if p.state == InstanceState::Live {
@@ -1407,3 +1410,4 @@ pub(crate) async fn last_event_seq<C: GenericClient>(c: &C) -> R<i64> {
 }
 
 mod events;
+mod queue;

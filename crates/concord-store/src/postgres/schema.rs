@@ -135,6 +135,64 @@ CREATE TABLE inbox (
 CREATE INDEX inbox_instance ON inbox(instance, cursor);
 "#,
     ),
+    (
+        3,
+        r#"
+CREATE TABLE tasks (
+    id              TEXT PRIMARY KEY,
+    seq             BIGSERIAL NOT NULL,
+    queue           TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    priority        INTEGER NOT NULL,
+    payload         JSON NOT NULL,
+    requires        TEXT[] NOT NULL,
+    target          TEXT,
+    attempt         INTEGER NOT NULL,
+    max_attempts    INTEGER NOT NULL,
+    backoff_ms      BIGINT NOT NULL,
+    timeout_ms      BIGINT,
+    claimed_by      TEXT,
+    claim           TEXT,
+    lease_ms        BIGINT,
+    lease_until     BIGINT,
+    progress        JSON,
+    result          JSON,
+    error           TEXT,
+    idempotency_key TEXT UNIQUE,
+    not_before      BIGINT NOT NULL,
+    deps            INTEGER NOT NULL,
+    created_at      BIGINT NOT NULL,
+    updated_at      BIGINT NOT NULL,
+    completed_at    BIGINT
+);
+CREATE INDEX tasks_claimable ON tasks(queue, priority DESC, seq) WHERE state IN ('pending', 'scheduled', 'failed');
+CREATE INDEX tasks_running_lease ON tasks(lease_until) WHERE state = 'running';
+CREATE INDEX tasks_claimed_by ON tasks(claimed_by) WHERE state = 'running';
+CREATE INDEX tasks_queue_state ON tasks(queue, state);
+CREATE INDEX tasks_finished ON tasks(completed_at) WHERE completed_at IS NOT NULL;
+
+CREATE TABLE task_deps (
+    task TEXT NOT NULL,
+    dep  TEXT NOT NULL,
+    PRIMARY KEY (task, dep)
+);
+CREATE INDEX task_deps_dep ON task_deps(dep);
+
+CREATE TABLE schedules (
+    name             TEXT PRIMARY KEY,
+    queue            TEXT NOT NULL,
+    payload          JSON NOT NULL,
+    every_ms         BIGINT,
+    cron             TEXT,
+    priority         INTEGER NOT NULL,
+    requires         TEXT[] NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    next_due         BIGINT NOT NULL,
+    last_enqueued_at BIGINT,
+    created_at       BIGINT NOT NULL
+);
+"#,
+    ),
 ];
 
 /// Creates the schema if asked, applies the migrations not yet recorded in

@@ -43,7 +43,9 @@ fn prune(
         )
         .map_err(db_err)?;
     let by_count = (head - max_count).max(0);
-    let cut = by_age.max(by_count);
+    // The newest event always stays: SQLite numbers a row of an emptied table from 1
+    // again, which would hand out positions that readers have already passed.
+    let cut = by_age.max(by_count).min(head - 1);
     let mut removed = 0u64;
     if cut > event_floor(c)? {
         removed += c

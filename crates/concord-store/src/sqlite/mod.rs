@@ -3,6 +3,7 @@
 
 mod events;
 mod ops;
+mod queue;
 mod schema;
 mod writer;
 

@@ -142,6 +142,7 @@ fn end_instance(
             )?;
         }
     }
+    super::queue::release_claims(c, now, &inst.id)?;
     let topic = match state {
         InstanceState::Closed => topics::INSTANCE_CLOSED,
         _ => topics::INSTANCE_EXPIRED,

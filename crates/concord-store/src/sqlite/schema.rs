@@ -115,6 +115,64 @@ CREATE TABLE inbox (
 CREATE INDEX inbox_instance ON inbox(instance, cursor);
 "#,
     ),
+    (
+        3,
+        r#"
+-- rowid (implicit) orders tasks of equal priority oldest first.
+CREATE TABLE tasks (
+    id              TEXT PRIMARY KEY,
+    queue           TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    priority        INTEGER NOT NULL,
+    payload         TEXT NOT NULL,
+    requires        TEXT NOT NULL,
+    target          TEXT,
+    attempt         INTEGER NOT NULL,
+    max_attempts    INTEGER NOT NULL,
+    backoff_ms      INTEGER NOT NULL,
+    timeout_ms      INTEGER,
+    claimed_by      TEXT,
+    claim           TEXT,
+    lease_ms        INTEGER,
+    lease_until     INTEGER,
+    progress        TEXT,
+    result          TEXT,
+    error           TEXT,
+    idempotency_key TEXT UNIQUE,
+    not_before      INTEGER NOT NULL,
+    deps            INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    completed_at    INTEGER
+);
+CREATE INDEX tasks_claimable ON tasks(queue, priority DESC) WHERE state IN ('pending', 'scheduled', 'failed');
+CREATE INDEX tasks_running_lease ON tasks(lease_until) WHERE state = 'running';
+CREATE INDEX tasks_claimed_by ON tasks(claimed_by) WHERE state = 'running';
+CREATE INDEX tasks_queue_state ON tasks(queue, state);
+CREATE INDEX tasks_finished ON tasks(completed_at) WHERE completed_at IS NOT NULL;
+
+CREATE TABLE task_deps (
+    task TEXT NOT NULL,
+    dep  TEXT NOT NULL,
+    PRIMARY KEY (task, dep)
+);
+CREATE INDEX task_deps_dep ON task_deps(dep);
+
+CREATE TABLE schedules (
+    name             TEXT PRIMARY KEY,
+    queue            TEXT NOT NULL,
+    payload          TEXT NOT NULL,
+    every_ms         INTEGER,
+    cron             TEXT,
+    priority         INTEGER NOT NULL,
+    requires         TEXT NOT NULL,
+    max_attempts     INTEGER NOT NULL,
+    next_due         INTEGER NOT NULL,
+    last_enqueued_at INTEGER,
+    created_at       INTEGER NOT NULL
+);
+"#,
+    ),
 ];
 
 /// Applies the migrations not yet recorded in `schema_migrations`.

@@ -12,6 +12,7 @@ mod harness;
 
 mod events;
 mod instances;
+mod messages;
 mod pg_only;
 mod primaries;
 mod races;

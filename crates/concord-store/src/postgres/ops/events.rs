@@ -51,7 +51,9 @@ async fn prune(t: &mut Tx<'_>, max_age_ms: i64, max_count: i64, inbox_retention_
         .await?,
         0,
     )?;
-    let cut = by_age.max((head - max_count).max(0));
+    // The newest event always stays, as in SQLite (where it must: an emptied table
+    // would number its rows from 1 again), so both backends retain the same log.
+    let cut = by_age.max((head - max_count).max(0)).min(head - 1);
     let mut removed = 0u64;
     if cut > floor {
         removed += exec(&t.c, "DELETE FROM events WHERE seq <= $1", &[&cut]).await?;

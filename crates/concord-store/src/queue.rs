@@ -1,0 +1,97 @@
+//! The work queue's store operations (DESIGN §7).
+
+use async_trait::async_trait;
+use concord_core::api::{ClaimedTask, EventSource, QueueStats, Schedule, Task, TaskState};
+use concord_core::Result;
+use serde_json::Value;
+
+/// A validated enqueue, with the id chosen by the hub.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: String,
+    pub queue: String,
+    pub payload: Value,
+    pub priority: i32,
+    pub requires: Vec<String>,
+    pub target: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: u32,
+    pub backoff_ms: i64,
+    /// Absolute time in ms, if any.
+    pub not_before: Option<i64>,
+    pub depends_on: Vec<String>,
+    pub timeout_ms: Option<i64>,
+}
+
+/// A claim by one instance. Its capabilities are read from the store, not trusted
+/// from the request.
+#[derive(Debug, Clone)]
+pub struct ClaimSpec {
+    pub instance: String,
+    pub queues: Vec<String>,
+    pub max: u32,
+    pub lease_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: String,
+    pub claim: String,
+    pub result: Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub queue: Option<String>,
+    pub state: Option<TaskState>,
+    /// Tasks with id greater than this (ids sort by creation time).
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScheduleSpec {
+    pub name: String,
+    pub queue: String,
+    pub payload: Value,
+    pub every_ms: Option<i64>,
+    pub cron: Option<String>,
+    pub priority: i32,
+    pub requires: Vec<String>,
+    pub max_attempts: u32,
+    /// First due time, computed by the hub from the recurrence.
+    pub next_due: i64,
+}
+
+#[async_trait]
+pub trait QueueStore: Send + Sync {
+    /// Enqueues all in one transaction. Each result says whether it was a duplicate
+    /// of an earlier enqueue with the same idempotency key.
+    async fn enqueue(&self, tasks: Vec<NewTask>, source: EventSource) -> Result<Vec<(Task, bool)>>;
+    /// Claims up to `max` claimable tasks for the instance: highest priority first,
+    /// then oldest; each gets a fresh claim token and lease.
+    async fn claim_tasks(&self, spec: ClaimSpec) -> Result<Vec<ClaimedTask>>;
+    /// Extends the lease of a current claim and records progress; `stale_claim` otherwise.
+    async fn heartbeat_task(&self, id: &str, claim: &str, progress: Option<Value>) -> Result<i64>;
+    /// Completes each task whose claim is current; one outcome per item, one transaction.
+    async fn complete_tasks(&self, items: Vec<Completion>) -> Result<Vec<Result<Task>>>;
+    async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task>;
+    /// Cancels a task that has not finished; a running task's claim becomes stale.
+    async fn cancel_task(&self, id: &str, by: &str) -> Result<Task>;
+    async fn get_task(&self, id: &str) -> Result<Option<Task>>;
+    async fn list_tasks(&self, filter: TaskFilter) -> Result<Vec<Task>>;
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>>;
+    /// Returns tasks whose claim lease lapsed to pending (or dead when out of
+    /// attempts), and marks due scheduled/failed tasks pending. Safe on every replica.
+    async fn requeue_lapsed(&self, limit: usize) -> Result<usize>;
+    async fn put_schedule(&self, spec: ScheduleSpec) -> Result<Schedule>;
+    async fn delete_schedule(&self, name: &str) -> Result<bool>;
+    async fn list_schedules(&self) -> Result<Vec<Schedule>>;
+    /// Schedules due now: (name, due time ms, recurrence text) to fire.
+    async fn due_schedules(&self) -> Result<Vec<Schedule>>;
+    /// Enqueues one task for `schedule` at `due` (idempotent per due time across
+    /// replicas and restarts) and moves it to `next_due`.
+    async fn fire_schedule(&self, name: &str, due: i64, next_due: i64) -> Result<Option<Task>>;
+    /// Removes finished tasks older than `retention_ms`.
+    async fn prune_tasks(&self, retention_ms: i64) -> Result<u64>;
+}

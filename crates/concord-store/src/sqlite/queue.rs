@@ -1,0 +1,820 @@
+//! The SQLite side of the work queue. Claims are race-free without row locks
+//! because every write runs on the single writer thread: the SELECT of claimable
+//! tasks and the UPDATE that claims them see no other writer in between.
+
+use super::ops::{append_event, get_instance};
+use super::{db_err, SqliteStore};
+use crate::model::topics;
+use crate::queue::*;
+use async_trait::async_trait;
+use concord_core::api::{
+    ClaimedTask, EventSource, InstanceState, QueueStats, Schedule, Task, TaskState,
+};
+use concord_core::task::{after_failure, after_lost_claim, retry_delay, DEFAULT_LEASE_MS};
+use concord_core::{ids, Error, ErrorCode, Result, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+const TASK_COLS: &str = "id, queue, state, priority, payload, requires, target, attempt, max_attempts, backoff_ms, \
+    timeout_ms, claimed_by, lease_until, progress, result, error, idempotency_key, not_before, created_at, updated_at, \
+    completed_at, claim, CASE WHEN deps = 0 THEN '[]' ELSE (SELECT json_group_array(dep) FROM task_deps WHERE task = tasks.id) END";
+
+fn json_col(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<Value>> {
+    Ok(r.get::<_, Option<String>>(i)?
+        .map(|s| serde_json::from_str(&s).unwrap_or(Value::Null)))
+}
+
+fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(Task, Option<String>)> {
+    let state: String = r.get(2)?;
+    let requires: String = r.get(5)?;
+    let deps: String = r.get(22)?;
+    let not_before: i64 = r.get(17)?;
+    Ok((
+        Task {
+            id: r.get(0)?,
+            queue: r.get(1)?,
+            state: TaskState::parse(&state).unwrap_or(TaskState::Pending),
+            priority: r.get(3)?,
+            payload: json_col(r, 4)?.unwrap_or(Value::Null),
+            requires: serde_json::from_str(&requires).unwrap_or_default(),
+            target: r.get(6)?,
+            attempt: r.get(7)?,
+            max_attempts: r.get(8)?,
+            backoff_ms: r.get(9)?,
+            timeout_ms: r.get(10)?,
+            claimed_by: r.get(11)?,
+            lease_until: r.get::<_, Option<i64>>(12)?.map(Timestamp),
+            progress: json_col(r, 13)?,
+            result: json_col(r, 14)?,
+            error: r.get(15)?,
+            idempotency_key: r.get(16)?,
+            not_before: (not_before > 0).then_some(Timestamp(not_before)),
+            created_at: Timestamp(r.get(18)?),
+            updated_at: Timestamp(r.get(19)?),
+            completed_at: r.get::<_, Option<i64>>(20)?.map(Timestamp),
+            depends_on: serde_json::from_str(&deps).unwrap_or_default(),
+        },
+        r.get(21)?,
+    ))
+}
+
+fn load(c: &Connection, id: &str) -> Result<Option<(Task, Option<String>)>> {
+    c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))
+        .and_then(|mut s| s.query_row([id], task_from_row).optional())
+        .map_err(db_err)
+}
+
+fn not_found(id: &str) -> Error {
+    Error::not_found(format!("no task {id}"))
+}
+
+fn stale(id: &str, state: TaskState) -> Error {
+    Error::new(
+        ErrorCode::StaleClaim,
+        format!(
+            "claim on task {id} is not current (task is {})",
+            state.as_str()
+        ),
+    )
+    .with_details(json!({"task": id, "state": state}))
+}
+
+fn hub() -> EventSource {
+    EventSource::default()
+}
+
+fn event(
+    c: &Connection,
+    now: i64,
+    topic: &str,
+    source: &EventSource,
+    tasks: &[&Task],
+    extra: Value,
+) -> Result<i64> {
+    let list: Vec<Value> = tasks
+        .iter()
+        .map(|t| json!({"id": t.id, "queue": t.queue, "state": t.state}))
+        .collect();
+    let mut data = json!({ "tasks": list });
+    if let (Some(d), Value::Object(m)) = (data.as_object_mut(), extra) {
+        d.extend(m);
+    }
+    append_event(c, now, topic, source, data)
+}
+
+/// Sets a task to a final failure state and cancels everything that depends on it.
+fn finish_unsuccessfully(
+    c: &Connection,
+    now: i64,
+    id: &str,
+    state: TaskState,
+    error: &str,
+) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE tasks SET state = ?2, error = ?3, claim = NULL, claimed_by = NULL, lease_until = NULL, \
+         updated_at = ?4, completed_at = ?4 WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![id, state.as_str(), error, now]))
+    .map_err(db_err)?;
+    let dependents: Vec<String> = {
+        let mut s = c
+            .prepare_cached(
+                "SELECT d.task FROM task_deps d JOIN tasks t ON t.id = d.task \
+                 WHERE d.dep = ?1 AND t.state NOT IN ('completed', 'dead', 'cancelled')",
+            )
+            .map_err(db_err)?;
+        let rows = s.query_map([id], |r| r.get(0)).map_err(db_err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
+    };
+    for d in dependents {
+        let why = format!("cancelled: dependency {id} is {}", state.as_str());
+        finish_unsuccessfully(c, now, &d, TaskState::Cancelled, &why)?;
+        if let Some((t, _)) = load(c, &d)? {
+            event(
+                c,
+                now,
+                topics::TASK_CANCELLED,
+                &hub(),
+                &[&t],
+                json!({"reason": why}),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A running task whose claim was lost (lease lapsed, claimer ended).
+fn lose_claim(c: &Connection, now: i64, t: &Task, reason: &str) -> Result<()> {
+    match after_lost_claim(t.attempt, t.max_attempts) {
+        TaskState::Dead => {
+            let why = format!(
+                "{reason}; out of attempts ({}/{})",
+                t.attempt, t.max_attempts
+            );
+            finish_unsuccessfully(c, now, &t.id, TaskState::Dead, &why)?;
+            event(
+                c,
+                now,
+                topics::TASK_DEAD,
+                &hub(),
+                &[t],
+                json!({"reason": why}),
+            )?;
+        }
+        _ => {
+            c.prepare_cached(
+                "UPDATE tasks SET state = 'pending', claim = NULL, claimed_by = NULL, lease_until = NULL, \
+                 error = ?2, updated_at = ?3 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![t.id, reason, now]))
+            .map_err(db_err)?;
+            event(
+                c,
+                now,
+                topics::TASK_REQUEUED,
+                &hub(),
+                &[t],
+                json!({"reason": reason}),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn running_where(
+    c: &Connection,
+    clause: &str,
+    arg: &dyn rusqlite::ToSql,
+    limit: usize,
+) -> Result<Vec<Task>> {
+    let mut s = c
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE state = 'running' AND {clause} LIMIT ?2"
+        ))
+        .map_err(db_err)?;
+    let rows = s
+        .query_map(params![arg, limit as i64], |r| {
+            task_from_row(r).map(|t| t.0)
+        })
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+}
+
+/// Called when an instance ends: its claims go back to the queue at once.
+pub(crate) fn release_claims(c: &Connection, now: i64, instance: &str) -> Result<()> {
+    for t in running_where(c, "claimed_by = ?1", &instance, usize::MAX >> 1)? {
+        lose_claim(c, now, &t, &format!("claimer {instance} ended"))?;
+    }
+    Ok(())
+}
+
+fn enqueue(
+    c: &Connection,
+    now: i64,
+    tasks: &[NewTask],
+    source: &EventSource,
+) -> Result<Vec<(Task, bool)>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    let mut created: Vec<Task> = Vec::new();
+    for t in tasks {
+        if let Some(key) = &t.idempotency_key {
+            let existing: Option<String> = c
+                .prepare_cached("SELECT id FROM tasks WHERE idempotency_key = ?1")
+                .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            if let Some(id) = existing {
+                let (task, _) = load(c, &id)?.ok_or_else(|| not_found(&id))?;
+                out.push((task, true));
+                continue;
+            }
+        }
+        let mut dead_dep = None;
+        for (i, d) in t.depends_on.iter().enumerate() {
+            let state: Option<String> = c
+                .prepare_cached("SELECT state FROM tasks WHERE id = ?1")
+                .and_then(|mut s| s.query_row([d], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            match state.as_deref().and_then(TaskState::parse) {
+                None => {
+                    return Err(Error::bad_field(
+                        &format!("depends_on[{i}]"),
+                        format!("no task {d}"),
+                    ))
+                }
+                Some(s @ (TaskState::Dead | TaskState::Cancelled)) => {
+                    dead_dep = Some((d.clone(), s))
+                }
+                Some(_) => {}
+            }
+        }
+        let not_before = t.not_before.unwrap_or(0);
+        let state = if not_before > now {
+            TaskState::Scheduled
+        } else {
+            TaskState::Pending
+        };
+        c.prepare_cached(
+            "INSERT INTO tasks (id, queue, state, priority, payload, requires, target, attempt, max_attempts, backoff_ms, \
+             timeout_ms, idempotency_key, not_before, deps, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                t.id,
+                t.queue,
+                state.as_str(),
+                t.priority,
+                serde_json::to_string(&t.payload).unwrap_or_else(|_| "null".into()),
+                serde_json::to_string(&t.requires).unwrap_or_else(|_| "[]".into()),
+                t.target,
+                t.max_attempts,
+                t.backoff_ms,
+                t.timeout_ms,
+                t.idempotency_key,
+                not_before,
+                t.depends_on.len() as i64,
+                now
+            ])
+        })
+        .map_err(db_err)?;
+        for d in &t.depends_on {
+            c.prepare_cached("INSERT OR IGNORE INTO task_deps (task, dep) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![t.id, d]))
+                .map_err(db_err)?;
+        }
+        if let Some((d, s)) = dead_dep {
+            finish_unsuccessfully(
+                c,
+                now,
+                &t.id,
+                TaskState::Cancelled,
+                &format!("cancelled: dependency {d} is {}", s.as_str()),
+            )?;
+        }
+        let (task, _) = load(c, &t.id)?.ok_or_else(|| not_found(&t.id))?;
+        created.push(task.clone());
+        out.push((task, false));
+    }
+    if !created.is_empty() {
+        let refs: Vec<&Task> = created.iter().collect();
+        event(c, now, topics::TASK_ENQUEUED, source, &refs, json!({}))?;
+    }
+    Ok(out)
+}
+
+fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>> {
+    let inst = get_instance(c, &spec.instance)?
+        .filter(|i| i.state == InstanceState::Live && i.lease_until.millis() >= now)
+        .ok_or_else(|| Error::unknown_instance(&spec.instance))?;
+    let caps = serde_json::to_string(&inst.capabilities).unwrap_or_else(|_| "[]".into());
+    let queues = serde_json::to_string(&spec.queues).unwrap_or_else(|_| "[]".into());
+    let candidates: Vec<(String, Option<i64>)> = {
+        let mut s = c
+            .prepare_cached(
+                "SELECT t.id, t.timeout_ms FROM tasks t \
+                 WHERE t.queue IN (SELECT value FROM json_each(?1)) \
+                 AND t.state IN ('pending', 'scheduled', 'failed') AND t.not_before <= ?2 \
+                 AND (t.target IS NULL OR t.target = ?3) \
+                 AND (t.requires = '[]' OR NOT EXISTS (SELECT 1 FROM json_each(t.requires) r \
+                      WHERE r.value NOT IN (SELECT value FROM json_each(?4)))) \
+                 AND (t.deps = 0 OR NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t2 ON t2.id = d.dep \
+                      WHERE d.task = t.id AND t2.state != 'completed')) \
+                 ORDER BY t.priority DESC, t.rowid LIMIT ?5",
+            )
+            .map_err(db_err)?;
+        let rows = s
+            .query_map(
+                params![queues, now, spec.instance, caps, spec.max as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
+    };
+    let mut out = Vec::with_capacity(candidates.len());
+    for (id, timeout) in candidates {
+        let lease = spec.lease_ms.or(timeout).unwrap_or(DEFAULT_LEASE_MS);
+        let token = ids::new_id(ids::CLAIM);
+        c.prepare_cached(
+            "UPDATE tasks SET state = 'running', attempt = attempt + 1, claimed_by = ?2, claim = ?3, lease_ms = ?4, \
+             lease_until = ?5, updated_at = ?6 WHERE id = ?1",
+        )
+        .and_then(|mut s| s.execute(params![id, spec.instance, token, lease, now + lease, now]))
+        .map_err(db_err)?;
+        let (task, _) = load(c, &id)?.ok_or_else(|| not_found(&id))?;
+        out.push(ClaimedTask { task, claim: token });
+    }
+    if !out.is_empty() {
+        let refs: Vec<&Task> = out.iter().map(|t| &t.task).collect();
+        let src = EventSource {
+            instance: Some(inst.id.clone()),
+            entity: Some(inst.entity.clone()),
+            token: None,
+        };
+        event(
+            c,
+            now,
+            topics::TASK_CLAIMED,
+            &src,
+            &refs,
+            json!({"by": inst.id}),
+        )?;
+    }
+    Ok(out)
+}
+
+/// The task, if `claim` is its current claim.
+fn current(c: &Connection, id: &str, claim: &str) -> Result<Task> {
+    let (task, current) = load(c, id)?.ok_or_else(|| not_found(id))?;
+    if task.state != TaskState::Running || current.as_deref() != Some(claim) {
+        return Err(stale(id, task.state));
+    }
+    Ok(task)
+}
+
+fn heartbeat(
+    c: &Connection,
+    now: i64,
+    id: &str,
+    claim: &str,
+    progress: &Option<Value>,
+) -> Result<i64> {
+    current(c, id, claim)?;
+    let lease: i64 = c
+        .query_row(
+            "SELECT COALESCE(lease_ms, ?2) FROM tasks WHERE id = ?1",
+            params![id, DEFAULT_LEASE_MS],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    let until = now + lease;
+    let progress = progress
+        .as_ref()
+        .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "null".into()));
+    c.prepare_cached(
+        "UPDATE tasks SET lease_until = ?2, progress = COALESCE(?3, progress), updated_at = ?4 WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![id, until, progress, now]))
+    .map_err(db_err)?;
+    Ok(until)
+}
+
+fn complete(c: &Connection, now: i64, items: &[Completion]) -> Result<Vec<Result<Task>>> {
+    let mut out = Vec::with_capacity(items.len());
+    let mut done = Vec::new();
+    for it in items {
+        match current(c, &it.id, &it.claim) {
+            Err(e) => out.push(Err(e)),
+            Ok(mut t) => {
+                c.prepare_cached(
+                    "UPDATE tasks SET state = 'completed', result = ?2, lease_until = NULL, updated_at = ?3, \
+                     completed_at = ?3 WHERE id = ?1",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![it.id, serde_json::to_string(&it.result).unwrap_or_else(|_| "null".into()), now])
+                })
+                .map_err(db_err)?;
+                t.state = TaskState::Completed;
+                t.result = Some(it.result.clone());
+                t.lease_until = None;
+                t.updated_at = Timestamp(now);
+                t.completed_at = Some(Timestamp(now));
+                done.push(t.clone());
+                out.push(Ok(t));
+            }
+        }
+    }
+    if !done.is_empty() {
+        let refs: Vec<&Task> = done.iter().collect();
+        let by = done[0].claimed_by.clone();
+        event(
+            c,
+            now,
+            topics::TASK_COMPLETED,
+            &EventSource {
+                instance: by,
+                ..hub()
+            },
+            &refs,
+            json!({}),
+        )?;
+    }
+    Ok(out)
+}
+
+fn fail(c: &Connection, now: i64, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
+    let t = current(c, id, claim)?;
+    match after_failure(t.attempt, t.max_attempts, retry) {
+        TaskState::Failed => {
+            let not_before = now + retry_delay(t.backoff_ms, t.attempt);
+            c.prepare_cached(
+                "UPDATE tasks SET state = 'failed', error = ?2, claim = NULL, claimed_by = NULL, lease_until = NULL, \
+                 not_before = ?3, updated_at = ?4 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id, error, not_before, now]))
+            .map_err(db_err)?;
+            let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+            event(
+                c,
+                now,
+                topics::TASK_FAILED,
+                &hub(),
+                &[&t],
+                json!({"error": error, "retry_at": not_before}),
+            )?;
+            Ok(t)
+        }
+        _ => {
+            finish_unsuccessfully(c, now, id, TaskState::Dead, error)?;
+            let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+            event(
+                c,
+                now,
+                topics::TASK_DEAD,
+                &hub(),
+                &[&t],
+                json!({"error": error}),
+            )?;
+            Ok(t)
+        }
+    }
+}
+
+fn cancel(c: &Connection, now: i64, id: &str, by: &str) -> Result<Task> {
+    let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+    if t.state.is_final() {
+        return Err(
+            Error::conflict(format!("task {id} is already {}", t.state.as_str()))
+                .with_details(json!({"task": id, "state": t.state})),
+        );
+    }
+    finish_unsuccessfully(
+        c,
+        now,
+        id,
+        TaskState::Cancelled,
+        &format!("cancelled by {by}"),
+    )?;
+    let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+    event(
+        c,
+        now,
+        topics::TASK_CANCELLED,
+        &hub(),
+        &[&t],
+        json!({"by": by}),
+    )?;
+    Ok(t)
+}
+
+fn list(c: &Connection, f: &TaskFilter) -> Result<Vec<Task>> {
+    let mut s = c
+        .prepare_cached(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR state = ?2) \
+             AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
+        ))
+        .map_err(db_err)?;
+    let rows = s
+        .query_map(
+            params![
+                f.queue,
+                f.state.map(TaskState::as_str),
+                f.after,
+                f.limit as i64
+            ],
+            |r| task_from_row(r).map(|t| t.0),
+        )
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+}
+
+fn stats(c: &Connection, now: i64) -> Result<Vec<QueueStats>> {
+    let mut s = c
+        .prepare_cached(
+            "SELECT queue, state, count(*), MIN(CASE WHEN state = 'pending' THEN created_at END) \
+             FROM tasks GROUP BY queue, state ORDER BY queue",
+        )
+        .map_err(db_err)?;
+    let rows = s
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })
+        .map_err(db_err)?;
+    let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
+    for row in rows {
+        let (queue, state, n, oldest) = row.map_err(db_err)?;
+        let q = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats {
+            name: queue,
+            ..Default::default()
+        });
+        let n = n as u64;
+        match TaskState::parse(&state) {
+            Some(TaskState::Pending) => {
+                q.pending = n;
+                q.oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
+            }
+            Some(TaskState::Scheduled) => q.scheduled = n,
+            Some(TaskState::Running) => q.running = n,
+            Some(TaskState::Completed) => q.completed = n,
+            Some(TaskState::Failed) => q.failed = n,
+            Some(TaskState::Dead) => q.dead = n,
+            Some(TaskState::Cancelled) => q.cancelled = n,
+            None => {}
+        }
+    }
+    Ok(by_queue.into_values().collect())
+}
+
+fn requeue_lapsed(c: &Connection, now: i64, limit: usize) -> Result<usize> {
+    let lapsed = running_where(c, "lease_until < ?1", &now, limit)?;
+    for t in &lapsed {
+        lose_claim(c, now, t, "claim lease expired")?;
+    }
+    let promoted = c
+        .execute(
+            "UPDATE tasks SET state = 'pending', updated_at = ?1 WHERE state IN ('scheduled', 'failed') AND not_before <= ?1",
+            [now],
+        )
+        .map_err(db_err)?;
+    Ok(lapsed.len() + promoted)
+}
+
+const SCHEDULE_COLS: &str =
+    "name, queue, payload, every_ms, cron, priority, requires, max_attempts, next_due, last_enqueued_at, created_at";
+
+fn schedule_from_row(r: &Row<'_>) -> rusqlite::Result<Schedule> {
+    let requires: String = r.get(6)?;
+    Ok(Schedule {
+        name: r.get(0)?,
+        queue: r.get(1)?,
+        payload: json_col(r, 2)?.unwrap_or(Value::Null),
+        every_ms: r.get(3)?,
+        cron: r.get(4)?,
+        priority: r.get(5)?,
+        requires: serde_json::from_str(&requires).unwrap_or_default(),
+        max_attempts: r.get(7)?,
+        next_due: Timestamp(r.get(8)?),
+        last_enqueued_at: r.get::<_, Option<i64>>(9)?.map(Timestamp),
+        created_at: Timestamp(r.get(10)?),
+    })
+}
+
+fn get_schedule(c: &Connection, name: &str) -> Result<Option<Schedule>> {
+    c.prepare_cached(&format!(
+        "SELECT {SCHEDULE_COLS} FROM schedules WHERE name = ?1"
+    ))
+    .and_then(|mut s| s.query_row([name], schedule_from_row).optional())
+    .map_err(db_err)
+}
+
+fn put_schedule(c: &Connection, now: i64, s: &ScheduleSpec) -> Result<Schedule> {
+    c.prepare_cached(
+        "INSERT INTO schedules (name, queue, payload, every_ms, cron, priority, requires, max_attempts, next_due, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(name) DO UPDATE SET queue = excluded.queue, \
+         payload = excluded.payload, every_ms = excluded.every_ms, cron = excluded.cron, priority = excluded.priority, \
+         requires = excluded.requires, max_attempts = excluded.max_attempts, next_due = excluded.next_due",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            s.name,
+            s.queue,
+            serde_json::to_string(&s.payload).unwrap_or_else(|_| "null".into()),
+            s.every_ms,
+            s.cron,
+            s.priority,
+            serde_json::to_string(&s.requires).unwrap_or_else(|_| "[]".into()),
+            s.max_attempts,
+            s.next_due,
+            now
+        ])
+    })
+    .map_err(db_err)?;
+    append_event(
+        c,
+        now,
+        topics::SCHEDULE_CHANGED,
+        &hub(),
+        json!({"name": s.name, "deleted": false, "next_due": s.next_due}),
+    )?;
+    get_schedule(c, &s.name)?.ok_or_else(|| Error::internal("schedule vanished"))
+}
+
+fn fire(c: &Connection, now: i64, name: &str, due: i64, next_due: i64) -> Result<Option<Task>> {
+    let Some(s) = get_schedule(c, name)? else {
+        return Ok(None);
+    };
+    if s.next_due.millis() != due {
+        return Ok(None); // another replica fired it, or it was edited
+    }
+    let task = NewTask {
+        id: ids::new_id(ids::TASK),
+        queue: s.queue.clone(),
+        payload: s.payload.clone(),
+        priority: s.priority,
+        requires: s.requires.clone(),
+        target: None,
+        idempotency_key: Some(format!("schedule:{name}:{due}")),
+        max_attempts: s.max_attempts,
+        backoff_ms: concord_core::task::DEFAULT_BACKOFF_MS,
+        not_before: None,
+        depends_on: vec![],
+        timeout_ms: None,
+    };
+    let src = EventSource {
+        token: Some(format!("schedule:{name}")),
+        ..hub()
+    };
+    let mut created = enqueue(c, now, &[task], &src)?;
+    c.execute(
+        "UPDATE schedules SET next_due = ?2, last_enqueued_at = ?3 WHERE name = ?1",
+        params![name, next_due, now],
+    )
+    .map_err(db_err)?;
+    Ok(created.pop().map(|(t, _)| t))
+}
+
+#[async_trait]
+impl QueueStore for SqliteStore {
+    async fn enqueue(&self, tasks: Vec<NewTask>, source: EventSource) -> Result<Vec<(Task, bool)>> {
+        self.writer
+            .write(move |c, now| enqueue(c, now, &tasks, &source))
+            .await
+    }
+
+    async fn claim_tasks(&self, spec: ClaimSpec) -> Result<Vec<ClaimedTask>> {
+        self.writer.write(move |c, now| claim(c, now, &spec)).await
+    }
+
+    async fn heartbeat_task(&self, id: &str, claim: &str, progress: Option<Value>) -> Result<i64> {
+        let (id, claim) = (id.to_string(), claim.to_string());
+        self.writer
+            .write(move |c, now| heartbeat(c, now, &id, &claim, &progress))
+            .await
+    }
+
+    async fn complete_tasks(&self, items: Vec<Completion>) -> Result<Vec<Result<Task>>> {
+        self.writer
+            .write(move |c, now| complete(c, now, &items))
+            .await
+    }
+
+    async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
+        let (id, claim, error) = (id.to_string(), claim.to_string(), error.to_string());
+        self.writer
+            .write(move |c, now| fail(c, now, &id, &claim, &error, retry))
+            .await
+    }
+
+    async fn cancel_task(&self, id: &str, by: &str) -> Result<Task> {
+        let (id, by) = (id.to_string(), by.to_string());
+        self.writer
+            .write(move |c, now| cancel(c, now, &id, &by))
+            .await
+    }
+
+    async fn get_task(&self, id: &str) -> Result<Option<Task>> {
+        let id = id.to_string();
+        self.readers
+            .read(move |c| Ok(load(c, &id)?.map(|t| t.0)))
+            .await
+    }
+
+    async fn list_tasks(&self, filter: TaskFilter) -> Result<Vec<Task>> {
+        self.readers.read(move |c| list(c, &filter)).await
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
+        let now = Timestamp::now().millis();
+        self.readers.read(move |c| stats(c, now)).await
+    }
+
+    async fn requeue_lapsed(&self, limit: usize) -> Result<usize> {
+        self.writer
+            .write(move |c, now| requeue_lapsed(c, now, limit))
+            .await
+    }
+
+    async fn put_schedule(&self, spec: ScheduleSpec) -> Result<Schedule> {
+        self.writer
+            .write(move |c, now| put_schedule(c, now, &spec))
+            .await
+    }
+
+    async fn delete_schedule(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.writer
+            .write(move |c, now| {
+                let n = c
+                    .execute("DELETE FROM schedules WHERE name = ?1", [&name])
+                    .map_err(db_err)?;
+                if n > 0 {
+                    append_event(
+                        c,
+                        now,
+                        topics::SCHEDULE_CHANGED,
+                        &hub(),
+                        json!({"name": name, "deleted": true}),
+                    )?;
+                }
+                Ok(n > 0)
+            })
+            .await
+    }
+
+    async fn list_schedules(&self) -> Result<Vec<Schedule>> {
+        self.readers
+            .read(|c| {
+                let mut s = c
+                    .prepare_cached(&format!(
+                        "SELECT {SCHEDULE_COLS} FROM schedules ORDER BY name"
+                    ))
+                    .map_err(db_err)?;
+                let rows = s.query_map([], schedule_from_row).map_err(db_err)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+            })
+            .await
+    }
+
+    async fn due_schedules(&self) -> Result<Vec<Schedule>> {
+        let now = Timestamp::now().millis();
+        self.readers
+            .read(move |c| {
+                let mut s = c
+                    .prepare_cached(&format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE next_due <= ?1 ORDER BY next_due"))
+                    .map_err(db_err)?;
+                let rows = s.query_map([now], schedule_from_row).map_err(db_err)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+            })
+            .await
+    }
+
+    async fn fire_schedule(&self, name: &str, due: i64, next_due: i64) -> Result<Option<Task>> {
+        let name = name.to_string();
+        self.writer
+            .write(move |c, now| fire(c, now, &name, due, next_due))
+            .await
+    }
+
+    async fn prune_tasks(&self, retention_ms: i64) -> Result<u64> {
+        self.writer
+            .write(move |c, now| {
+                let cut = now - retention_ms;
+                c.execute(
+                    "DELETE FROM task_deps WHERE task IN (SELECT id FROM tasks WHERE completed_at < ?1 \
+                     AND state IN ('completed', 'dead', 'cancelled'))",
+                    [cut],
+                )
+                .map_err(db_err)?;
+                let n = c
+                    .execute("DELETE FROM tasks WHERE completed_at < ?1 AND state IN ('completed', 'dead', 'cancelled')", [cut])
+                    .map_err(db_err)?;
+                Ok(n as u64)
+            })
+            .await
+    }
+}
