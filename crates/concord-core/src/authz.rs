@@ -74,6 +74,11 @@ pub enum Action {
     EventRead,
     MessageSend,
     InboxRead,
+    TaskEnqueue,
+    TaskRead,
+    TaskWork,
+    TaskCancel,
+    ScheduleWrite,
 }
 
 use Grant::*;
@@ -103,6 +108,11 @@ impl Action {
         Action::EventRead,
         Action::MessageSend,
         Action::InboxRead,
+        Action::TaskEnqueue,
+        Action::TaskRead,
+        Action::TaskWork,
+        Action::TaskCancel,
+        Action::ScheduleWrite,
     ];
 
     /// The table.
@@ -116,7 +126,12 @@ impl Action {
             | Action::GhostRead
             | Action::StateRead
             | Action::StatusRead
-            | Action::EventRead => READ_ALL,
+            | Action::EventRead
+            | Action::TaskRead => READ_ALL,
+            Action::TaskEnqueue | Action::TaskCancel => &[Admin, AgentAny, SessionAny],
+            // Claims are by instances; the claim token is what completes a task.
+            Action::TaskWork => &[Admin, SessionAny],
+            Action::ScheduleWrite => &[Admin, AgentAny],
             Action::EventPublish | Action::MessageSend => &[Admin, AgentAny, SessionAny],
             Action::InboxRead => &[SessionSelf],
             Action::InstanceUpdate | Action::InstanceClose => &[Admin, AgentOwnEntity, SessionSelf],

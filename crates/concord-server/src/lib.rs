@@ -49,6 +49,8 @@ pub struct HubConfig {
     pub events_max_count: i64,
     /// How often retention pruning runs.
     pub retention_interval: Duration,
+    /// How long finished tasks are kept.
+    pub tasks_retention_ms: i64,
     /// How long an ended instance's inbox is kept.
     pub inbox_retention_ms: i64,
     /// Open SSE streams and long-polls allowed per token.
@@ -68,6 +70,7 @@ impl Default for HubConfig {
             events_max_count: 1_000_000,
             retention_interval: Duration::from_secs(10),
             inbox_retention_ms: 86_400_000,
+            tasks_retention_ms: 7 * 86_400_000,
             max_streams_per_token: 256,
             max_long_polls_per_token: 1024,
         }

@@ -5,6 +5,8 @@ mod bench;
 mod cli;
 mod output;
 mod serve;
+mod task_cli;
+mod work;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -7,4 +7,5 @@ mod cli;
 mod crash;
 mod events;
 mod primaries;
+mod queue;
 mod tokens;
