@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 pub enum Suite {
     /// Heartbeats from many live instances (DESIGN §10: ≥ 20,000/s, p99 < 5 ms for 10,000).
     Heartbeat,
+    /// Enqueue, claim, complete with single-item calls, 1 KiB payloads (≥ 10,000 tasks/s).
+    Queue,
+    /// The same cycle with batch calls of 100 (≥ 50,000 tasks/s).
+    QueueBatch,
 }
 
 #[derive(Args)]
@@ -39,9 +43,12 @@ pub struct BenchArgs {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Live instances (heartbeat suite).
+    /// Live instances (heartbeat suite); ignored by the others.
     #[arg(long, default_value_t = 10_000)]
     instances: usize,
+    /// Durability of the embedded SQLite hub: full (fsync every group commit) or normal.
+    #[arg(long, value_enum, default_value = "full")]
+    durability: crate::serve::DurabilityArg,
     /// Print one JSON object instead of lines.
     #[arg(long)]
     json: bool,
@@ -80,7 +87,10 @@ impl Drop for Embedded {
     }
 }
 
-async fn embedded(database: Option<&str>) -> Result<Embedded> {
+async fn embedded(
+    database: Option<&str>,
+    durability: crate::serve::DurabilityArg,
+) -> Result<Embedded> {
     let dir = tempfile::tempdir()?;
     let store: DynStore = match database {
         Some(url) => Arc::new(
@@ -94,7 +104,12 @@ async fn embedded(database: Option<&str>) -> Result<Embedded> {
         None => Arc::new(
             concord_store::sqlite::SqliteStore::open(
                 &dir.path().join("concord.db"),
-                concord_store::sqlite::Durability::Full,
+                match durability {
+                    crate::serve::DurabilityArg::Full => concord_store::sqlite::Durability::Full,
+                    crate::serve::DurabilityArg::Normal => {
+                        concord_store::sqlite::Durability::Normal
+                    }
+                },
             )
             .map_err(|e| anyhow!("{e}"))?,
         ),
@@ -139,7 +154,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             (None, url.clone(), token, "remote")
         }
         None => {
-            let e = embedded(args.database.as_deref()).await?;
+            let e = embedded(args.database.as_deref(), args.durability).await?;
             let (u, a, b) = (e.url.clone(), e.admin.clone(), e.backend);
             (Some(e), u, a, b)
         }
@@ -147,6 +162,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let client = Client::new(vec![url], Some(admin)).map_err(|e| anyhow!("{e}"))?;
     let report = match args.suite {
         Suite::Heartbeat => heartbeat(&client, &args, backend).await?,
+        Suite::Queue => queue(&client, &args, backend, 1).await?,
+        Suite::QueueBatch => queue(&client, &args, backend, 100).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -255,6 +272,130 @@ async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Re
         operations: hist.len(),
         errors,
         throughput_per_s: hist.len() as f64 / elapsed,
+        p50_ms: ms(0.5),
+        p95_ms: ms(0.95),
+        p99_ms: ms(0.99),
+        max_ms: hist.max() as f64 / 1000.0,
+    })
+}
+
+/// One worker's loop: enqueue `batch` tasks, claim up to `batch`, complete what it
+/// claimed. Latency is per cycle (the three calls); throughput counts completed tasks.
+async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) -> Result<Report> {
+    use concord_core::api::{CompleteItem, EnqueueRequest};
+    let payload = serde_json::json!({ "blob": "x".repeat(1000) });
+    let queue_name = format!("bench-{}", std::process::id());
+    let conc = args.concurrency.max(1);
+    let mut sessions = Vec::with_capacity(conc);
+    for w in 0..conc {
+        let reg = admin
+            .register(&RegisterInstanceRequest {
+                entity: "bench-workers".into(),
+                role: Default::default(),
+                label: Some(format!("worker {w}")),
+                ttl_ms: Some(60_000),
+                capabilities: vec![],
+                endpoint: None,
+                host: None,
+                version: None,
+                persistent: false,
+                forked_from: None,
+                meta: serde_json::json!({}),
+            })
+            .await
+            .map_err(|e| anyhow!("register: {e}"))?;
+        sessions.push(admin.with_token(reg.session_token));
+    }
+    let measuring = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for c in sessions {
+        let (measuring, done) = (measuring.clone(), done.clone());
+        let (payload, queue_name) = (payload.clone(), queue_name.clone());
+        workers.push(tokio::spawn(async move {
+            let mut hist = new_histogram();
+            let (mut tasks, mut errors) = (0u64, 0u64);
+            let mk = || EnqueueRequest {
+                queue: queue_name.clone(),
+                payload: payload.clone(),
+                ..Default::default()
+            };
+            while !done.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let enq = if batch == 1 {
+                    c.enqueue(&mk()).await.map(|_| ())
+                } else {
+                    c.enqueue_batch((0..batch).map(|_| mk()).collect())
+                        .await
+                        .map(|_| ())
+                };
+                let cycle = async {
+                    enq?;
+                    let claimed = c
+                        .claim(&[queue_name.as_str()], batch as u32, Some(60_000), 0)
+                        .await?;
+                    let n = claimed.len() as u64;
+                    if batch == 1 {
+                        for t in claimed {
+                            c.complete_task(&t.task.id, &t.claim, serde_json::json!(1))
+                                .await?;
+                        }
+                    } else if !claimed.is_empty() {
+                        let items = claimed
+                            .into_iter()
+                            .map(|t| CompleteItem {
+                                id: t.task.id,
+                                claim: t.claim,
+                                result: serde_json::json!(1),
+                            })
+                            .collect();
+                        c.complete_batch(items).await?;
+                    }
+                    Ok::<u64, concord_core::Error>(n)
+                };
+                let r = cycle.await;
+                if measuring.load(Ordering::Relaxed) {
+                    match r {
+                        Ok(n) => {
+                            tasks += n;
+                            let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (hist, tasks, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration.max(1))).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let mut hist = new_histogram();
+    let (mut tasks, mut errors) = (0, 0);
+    for w in workers {
+        let (h, t, e) = w.await?;
+        hist.add(&h).map_err(|e| anyhow!("{e}"))?;
+        tasks += t;
+        errors += e;
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Report {
+        suite: if batch == 1 {
+            "queue".into()
+        } else {
+            format!("queue-batch-{batch}")
+        },
+        backend: backend.into(),
+        instances: conc,
+        concurrency: conc,
+        duration_s: elapsed,
+        operations: tasks,
+        errors,
+        throughput_per_s: tasks as f64 / elapsed,
         p50_ms: ms(0.5),
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),

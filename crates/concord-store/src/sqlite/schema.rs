@@ -147,6 +147,7 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_claimable ON tasks(queue, priority DESC) WHERE state IN ('pending', 'scheduled', 'failed');
 CREATE INDEX tasks_running_lease ON tasks(lease_until) WHERE state = 'running';
+CREATE INDEX tasks_waiting ON tasks(not_before) WHERE state IN ('scheduled', 'failed');
 CREATE INDEX tasks_claimed_by ON tasks(claimed_by) WHERE state = 'running';
 CREATE INDEX tasks_queue_state ON tasks(queue, state);
 CREATE INDEX tasks_finished ON tasks(completed_at) WHERE completed_at IS NOT NULL;

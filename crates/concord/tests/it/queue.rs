@@ -331,8 +331,12 @@ async fn sixteen_workers_drain_20000_tasks_exactly_once_while_some_die() {
     let admin = hub.admin();
     let n = 20_000;
     for chunk in 0..20 {
+        // Generous attempts: one task may be caught by several dying workers.
         let batch = (0..1000)
-            .map(|i| task("drain", json!({"n": chunk * 1000 + i})))
+            .map(|i| EnqueueRequest {
+                max_attempts: Some(50),
+                ..task("drain", json!({"n": chunk * 1000 + i}))
+            })
             .collect();
         admin.enqueue_batch(batch).await.unwrap();
     }
@@ -358,7 +362,7 @@ async fn sixteen_workers_drain_20000_tasks_exactly_once_while_some_die() {
                     if c.heartbeat(&reg.instance.id).await.is_err() {
                         break;
                     }
-                    let claimed = match c.claim(&["drain"], 20, Some(2_000), 500).await {
+                    let claimed = match c.claim(&["drain"], 20, Some(5_000), 500).await {
                         Ok(v) => v,
                         Err(e) if e.code == ErrorCode::UnknownInstance => break,
                         Err(e) => panic!("claim: {e}"),
