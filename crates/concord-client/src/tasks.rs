@@ -136,3 +136,16 @@ impl Client {
         .await
     }
 }
+
+impl Client {
+    /// Sends one command to many agents; with `wait` (default) answers when done.
+    pub async fn dispatch(&self, req: &DispatchRequest) -> Result<DispatchView> {
+        let timeout =
+            Duration::from_millis(req.timeout_ms.unwrap_or(30_000).max(0) as u64 + 30_000);
+        self.call_timeout(Method::POST, "/v1/dispatch", Some(req), timeout)
+            .await
+    }
+    pub async fn get_dispatch(&self, id: &str) -> Result<DispatchView> {
+        self.get(&format!("/v1/dispatch/{}", pct(id))).await
+    }
+}

@@ -79,6 +79,7 @@ pub enum Action {
     TaskWork,
     TaskCancel,
     ScheduleWrite,
+    Dispatch,
 }
 
 use Grant::*;
@@ -113,6 +114,7 @@ impl Action {
         Action::TaskWork,
         Action::TaskCancel,
         Action::ScheduleWrite,
+        Action::Dispatch,
     ];
 
     /// The table.
@@ -128,7 +130,9 @@ impl Action {
             | Action::StatusRead
             | Action::EventRead
             | Action::TaskRead => READ_ALL,
-            Action::TaskEnqueue | Action::TaskCancel => &[Admin, AgentAny, SessionAny],
+            Action::TaskEnqueue | Action::TaskCancel | Action::Dispatch => {
+                &[Admin, AgentAny, SessionAny]
+            }
             // Claims are by instances; the claim token is what completes a task.
             Action::TaskWork => &[Admin, SessionAny],
             Action::ScheduleWrite => &[Admin, AgentAny],

@@ -7,6 +7,7 @@
 
 mod auth;
 mod bus;
+mod dispatch;
 mod error;
 mod extract;
 mod limits;

@@ -36,6 +36,7 @@ pub(crate) async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         if n.is_multiple_of(DURABLE_EVERY) {
             sweep_durable(&state).await;
             fire_schedules(&state).await;
+            finish_dispatches(&state).await;
             state.limits.shrink();
         }
     }
@@ -128,6 +129,20 @@ async fn fire_schedules(state: &Arc<AppState>) {
             Ok(Some(t)) => tracing::debug!(schedule = %s.name, task = %t.id, "schedule fired"),
             Ok(None) => {}
             Err(e) => tracing::warn!(schedule = %s.name, "schedule: {e}"),
+        }
+    }
+}
+
+/// Dispatches nobody waits on (wait: false, or the hub restarted) still finish at
+/// their deadline or quorum.
+async fn finish_dispatches(state: &Arc<AppState>) {
+    let running = match state.store.running_dispatches().await {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!("dispatch sweep: {e}"),
+    };
+    for id in running {
+        if let Err(e) = crate::dispatch::evaluate(state, &id).await {
+            tracing::warn!(dispatch = %id, "dispatch sweep: {e}");
         }
     }
 }

@@ -115,4 +115,7 @@ pub mod topics {
     pub const TASK_CANCELLED: &str = "sys.task.cancelled";
     pub const TASK_REQUEUED: &str = "sys.task.requeued";
     pub const SCHEDULE_CHANGED: &str = "sys.schedule.changed";
+    pub const DISPATCH_CREATED: &str = "sys.dispatch.created";
+    pub const DISPATCH_PEERS_ADDED: &str = "sys.dispatch.peers_added";
+    pub const DISPATCH_FINISHED: &str = "sys.dispatch.finished";
 }

@@ -126,6 +126,8 @@ pub enum ClientCommand {
     /// Recurring schedules that enqueue tasks.
     #[command(subcommand)]
     Schedule(crate::task_cli::ScheduleCmd),
+    /// One command to many agents, one answer back (quorum and reducer).
+    Dispatch(crate::dispatch_cli::DispatchArgs),
     /// Run a command once per task of a queue: `concord work QUEUE -- CMD ARGS…`.
     Work(crate::work::WorkArgs),
     /// Read this instance's inbox (needs the instance's session token).
@@ -423,6 +425,7 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
         ClientCommand::Queues { conn } => crate::task_cli::queues(conn).await?,
         ClientCommand::Schedule(s) => crate::task_cli::schedule(s).await?,
         ClientCommand::Work(w) => crate::work::run(w).await?,
+        ClientCommand::Dispatch(d) => crate::dispatch_cli::run(d).await?,
         ClientCommand::Token(t) => token(t).await?,
         ClientCommand::State(s) => state(s).await?,
     }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod dispatch_cli;
 mod output;
 mod serve;
 mod task_cli;
@@ -29,7 +30,7 @@ enum Command {
     /// Run a benchmark suite.
     Bench(bench::BenchArgs),
     #[command(flatten)]
-    Client(cli::ClientCommand),
+    Client(Box<cli::ClientCommand>),
 }
 
 fn main() -> ExitCode {
@@ -48,7 +49,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Client(cmd) => cli::run(cmd).await,
+            Command::Client(cmd) => cli::run(*cmd).await,
         }
     });
     match result {

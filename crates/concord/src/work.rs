@@ -39,6 +39,9 @@ pub struct WorkArgs {
     /// Claim lease; heartbeated every third of it while the command runs.
     #[arg(long, default_value_t = 30_000)]
     lease_ms: i64,
+    /// Lease TTL of the worker instance (it heartbeats every third of it).
+    #[arg(long, default_value_t = 15_000)]
+    ttl_ms: i64,
     /// Stop after this many tasks (for scripts and tests).
     #[arg(long)]
     max_tasks: Option<usize>,
@@ -65,7 +68,7 @@ async fn register(agent: &Client, args: &WorkArgs) -> Result<Session> {
             entity: args.entity.clone(),
             role: Default::default(),
             label: Some(label),
-            ttl_ms: Some(15_000),
+            ttl_ms: Some(args.ttl_ms),
             capabilities: args.capabilities.clone(),
             endpoint: None,
             host: hostname(),
@@ -116,7 +119,7 @@ pub async fn run(args: WorkArgs) -> Result<()> {
         );
         tokio::spawn(async move {
             while !stopping.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(Duration::from_millis((args.ttl_ms / 3).max(200) as u64)).await;
                 let (id, c) = {
                     let s = session.read().await;
                     (s.id.clone(), s.client.clone())

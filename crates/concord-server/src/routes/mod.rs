@@ -1,6 +1,7 @@
 //! HTTP routes. Each handler extracts, authorizes, calls the store once and shapes
 //! the response; the rules themselves live in concord-core and the store.
 
+pub(crate) mod dispatch;
 pub(crate) mod entities;
 pub(crate) mod events;
 pub(crate) mod instances;
@@ -68,6 +69,8 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
             "/v1/schedules/{name}",
             axum::routing::put(tasks::put_schedule).delete(tasks::delete_schedule),
         )
+        .route("/v1/dispatch", post(dispatch::create))
+        .route("/v1/dispatch/{id}", get(dispatch::get))
         .route("/v1/status", get(system::status))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))

@@ -1409,5 +1409,6 @@ pub(crate) async fn last_event_seq<C: GenericClient>(c: &C) -> R<i64> {
     get(&row_one(c, LAST_SEQ_SQL, &[]).await?, 0)
 }
 
+mod dispatch;
 mod events;
 mod queue;

@@ -194,6 +194,30 @@ CREATE TABLE schedules (
 );
 "#,
     ),
+    (
+        5,
+        r#"
+CREATE TABLE dispatches (
+    id          TEXT PRIMARY KEY,
+    command     TEXT NOT NULL,
+    spec        JSON NOT NULL,
+    state       TEXT NOT NULL,
+    result      JSON,
+    outcome     JSON NOT NULL,
+    created_at  BIGINT NOT NULL,
+    deadline    BIGINT NOT NULL,
+    finished_at BIGINT
+);
+CREATE INDEX dispatches_running ON dispatches(deadline) WHERE state = 'running';
+CREATE TABLE dispatch_peers (
+    dispatch TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    task     TEXT NOT NULL,
+    added_at BIGINT NOT NULL,
+    PRIMARY KEY (dispatch, instance)
+);
+"#,
+    ),
 ];
 
 /// Creates the schema if asked, applies the migrations not yet recorded in

@@ -1,6 +1,7 @@
 //! The embedded backend: one SQLite file in WAL mode, a group-commit writer thread
 //! ([`writer`]) and a small pool of read connections.
 
+mod dispatch;
 mod events;
 mod ops;
 mod queue;

@@ -59,7 +59,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(Task, Option<String>)> {
     ))
 }
 
-fn load(c: &Connection, id: &str) -> Result<Option<(Task, Option<String>)>> {
+pub(crate) fn load(c: &Connection, id: &str) -> Result<Option<(Task, Option<String>)>> {
     c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))
         .and_then(|mut s| s.query_row([id], task_from_row).optional())
         .map_err(db_err)
@@ -104,7 +104,7 @@ fn event(
 }
 
 /// Sets a task to a final failure state and cancels everything that depends on it.
-fn finish_unsuccessfully(
+pub(crate) fn finish_unsuccessfully(
     c: &Connection,
     now: i64,
     id: &str,
@@ -209,7 +209,7 @@ pub(crate) fn release_claims(c: &Connection, now: i64, instance: &str) -> Result
     Ok(())
 }
 
-fn enqueue(
+pub(crate) fn enqueue(
     c: &Connection,
     now: i64,
     tasks: &[NewTask],

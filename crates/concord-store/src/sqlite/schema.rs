@@ -174,6 +174,30 @@ CREATE TABLE schedules (
 );
 "#,
     ),
+    (
+        5,
+        r#"
+CREATE TABLE dispatches (
+    id          TEXT PRIMARY KEY,
+    command     TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    result      TEXT,
+    outcome     TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    deadline    INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE INDEX dispatches_running ON dispatches(deadline) WHERE state = 'running';
+CREATE TABLE dispatch_peers (
+    dispatch TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    task     TEXT NOT NULL,
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (dispatch, instance)
+);
+"#,
+    ),
 ];
 
 /// Applies the migrations not yet recorded in `schema_migrations`.
