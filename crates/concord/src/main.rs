@@ -1,7 +1,9 @@
 //! `concord`: the hub (`concord serve`), the CLI and the benchmarks, in one binary.
 //! Thin by design: the hub lives in concord-server, the API client in concord-client.
 
+mod baselines;
 mod bench;
+mod bench_report;
 mod cli;
 mod dispatch_cli;
 mod output;
