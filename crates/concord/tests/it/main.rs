@@ -3,6 +3,7 @@
 mod harness;
 
 mod bad_input;
+mod chaos;
 mod cli;
 mod crash;
 mod dispatch;
