@@ -158,7 +158,7 @@ async fn kill_9_cycles_lose_nothing_acknowledged() {
         }
     }
     let admin = hub.admin();
-    let a = acked.lock().unwrap();
+    let a = std::mem::take(&mut *acked.lock().unwrap());
     let all: HashSet<String> = admin
         .list_instances(None, None, Some("all"))
         .await
@@ -177,8 +177,8 @@ async fn kill_9_cycles_lose_nothing_acknowledged() {
     for (key, rev, _) in &a.state_writes {
         // Every acknowledged write is there or was overwritten by a later one.
         let found = by_entity
-            .iter()
-            .flat_map(|(_, v)| v.iter())
+            .values()
+            .flatten()
             .any(|e| &e.key == key && e.revision >= *rev);
         if !found {
             let mut ok = false;
