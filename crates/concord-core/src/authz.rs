@@ -77,6 +77,7 @@ pub enum Action {
     TaskEnqueue,
     TaskRead,
     TaskWork,
+    TaskClaim,
     TaskCancel,
     ScheduleWrite,
     Dispatch,
@@ -112,10 +113,29 @@ impl Action {
         Action::TaskEnqueue,
         Action::TaskRead,
         Action::TaskWork,
+        Action::TaskClaim,
         Action::TaskCancel,
         Action::ScheduleWrite,
         Action::Dispatch,
     ];
+
+    /// Writes to shared state that a ghost (an unlabelled secondary or fork) may not
+    /// make until it is labelled (DESIGN §4); checked against the instance's record.
+    pub fn denies_ghosts(self) -> bool {
+        matches!(
+            self,
+            Action::PrimaryCampaign
+                | Action::PrimaryResign
+                | Action::PrimaryTransfer
+                | Action::StateWrite
+                | Action::EventPublish
+                | Action::MessageSend
+                | Action::TaskEnqueue
+                | Action::TaskClaim
+                | Action::TaskCancel
+                | Action::Dispatch
+        )
+    }
 
     /// The table.
     pub fn rule(self) -> &'static [Grant] {
@@ -135,6 +155,7 @@ impl Action {
             }
             // Claims are by instances; the claim token is what completes a task.
             Action::TaskWork => &[Admin, SessionAny],
+            Action::TaskClaim => &[SessionAny],
             Action::ScheduleWrite => &[Admin, AgentAny],
             Action::EventPublish | Action::MessageSend => &[Admin, AgentAny, SessionAny],
             Action::InboxRead => &[SessionSelf],

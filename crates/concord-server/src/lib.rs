@@ -15,10 +15,11 @@ mod metrics;
 mod openapi;
 mod presence;
 mod reaper;
-mod routes;
+pub mod routes;
 mod tail;
 
 pub use error::{ApiError, ApiResult};
+pub use routes::table::{RouteRule, Subject, ROUTES};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;

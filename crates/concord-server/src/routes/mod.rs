@@ -8,6 +8,7 @@ pub(crate) mod instances;
 pub(crate) mod messages;
 pub(crate) mod state;
 pub(crate) mod system;
+pub mod table;
 pub(crate) mod tasks;
 pub(crate) mod tokens;
 

@@ -197,7 +197,7 @@ pub(crate) async fn claim(
     };
     authorize(
         &p,
-        Action::TaskWork,
+        Action::TaskClaim,
         Target {
             entity: p.entity.as_deref(),
             instance: Some(&me),
