@@ -58,6 +58,8 @@ pub struct HubConfig {
     /// Open SSE streams and long-polls allowed per token.
     pub max_streams_per_token: usize,
     pub max_long_polls_per_token: usize,
+    /// Live instances one entity may have (None: unlimited).
+    pub max_instances_per_entity: Option<u32>,
 }
 
 impl Default for HubConfig {
@@ -75,6 +77,7 @@ impl Default for HubConfig {
             tasks_retention_ms: 7 * 86_400_000,
             max_streams_per_token: 256,
             max_long_polls_per_token: 1024,
+            max_instances_per_entity: Some(10_000),
         }
     }
 }

@@ -27,6 +27,16 @@ pub struct NewInstance {
     pub owner: String,
     /// Token that registered it (for the event's source).
     pub registered_by: String,
+    /// Refuse the registration when the entity already has this many live instances.
+    pub max_live_per_entity: Option<u32>,
+}
+
+/// The error for an entity at its live-instance limit.
+pub fn too_many_instances(entity: &str, limit: u32) -> concord_core::Error {
+    concord_core::Error::conflict(format!(
+        "entity {entity} already has {limit} live instances (the hub's --max-instances-per-entity); close some first"
+    ))
+    .with_details(serde_json::json!({"entity": entity, "limit": limit}))
 }
 
 #[derive(Debug, Clone)]

@@ -44,6 +44,7 @@ pub(crate) async fn register(
             session_secret_hash: hash_secret(&secret),
             owner: s.config.hub_id.clone(),
             registered_by: p.token_id.clone(),
+            max_live_per_entity: s.config.max_instances_per_entity,
         })
         .await?;
     s.presence

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod dispatch;
 mod events;
+mod limits;
 mod primaries;
 mod queue;
 mod tokens;
