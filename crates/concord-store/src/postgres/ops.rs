@@ -305,6 +305,24 @@ async fn lock_instance(t: &Tx<'_>, id: &str) -> R<Option<Instance>> {
     .transpose()
 }
 
+/// The instance with its row locked `FOR KEY SHARE`: it cannot end (expiry and
+/// close lock it `FOR UPDATE`) before this transaction commits, yet heartbeats
+/// (plain updates of non-key columns) and other claims by it go on in parallel.
+async fn share_instance(t: &Tx<'_>, id: &str) -> R<Option<Instance>> {
+    row_opt(
+        &t.c,
+        concat!(
+            "SELECT ",
+            instance_cols!(),
+            " FROM instances WHERE id = $1 FOR KEY SHARE"
+        ),
+        &[&id],
+    )
+    .await?
+    .map(|r| instance_from_row(&r))
+    .transpose()
+}
+
 async fn require_instance<C: GenericClient>(c: &C, id: &str) -> R<Instance> {
     get_instance(c, id)
         .await?

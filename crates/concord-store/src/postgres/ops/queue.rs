@@ -146,21 +146,17 @@ async fn finish_unsuccessfully(t: &mut Tx<'_>, id: &str, state: TaskState, error
     Ok(())
 }
 
+/// A running task whose claim was lost (lease lapsed, claimer ended). The event
+/// carries the state the task is left in, as every other task event does.
 async fn lose_claim(t: &mut Tx<'_>, task: &Task, reason: &str) -> R<()> {
-    match after_lost_claim(task.attempt, task.max_attempts) {
+    let (topic, why) = match after_lost_claim(task.attempt, task.max_attempts) {
         TaskState::Dead => {
             let why = format!(
                 "{reason}; out of attempts ({}/{})",
                 task.attempt, task.max_attempts
             );
             finish_unsuccessfully(t, &task.id, TaskState::Dead, &why).await?;
-            event(
-                t,
-                topics::TASK_DEAD,
-                &hub_source(),
-                &[task],
-                json!({"reason": why}),
-            );
+            (topics::TASK_DEAD, why)
         }
         _ => {
             exec(
@@ -170,15 +166,19 @@ async fn lose_claim(t: &mut Tx<'_>, task: &Task, reason: &str) -> R<()> {
                 &[&task.id, &reason, &t.now],
             )
             .await?;
-            event(
-                t,
-                topics::TASK_REQUEUED,
-                &hub_source(),
-                &[task],
-                json!({"reason": reason}),
-            );
+            (topics::TASK_REQUEUED, reason.to_string())
         }
-    }
+    };
+    let (after, _) = load(&t.c, &task.id)
+        .await?
+        .ok_or_else(|| not_found(&task.id))?;
+    event(
+        t,
+        topic,
+        &hub_source(),
+        &[&after],
+        json!({"reason": why, "claimed_by": task.claimed_by}),
+    );
     Ok(())
 }
 
@@ -199,17 +199,48 @@ pub(crate) async fn release_claims(t: &mut Tx<'_>, instance: &str) -> R<()> {
     Ok(())
 }
 
+/// The id of the task enqueued earlier under this idempotency key, if any.
+async fn by_key(t: &Tx<'_>, key: &str) -> R<Option<String>> {
+    row_opt(
+        &t.c,
+        "SELECT id FROM tasks WHERE idempotency_key = $1",
+        &[&key],
+    )
+    .await?
+    .map(|r| get(&r, 0))
+    .transpose()
+}
+
+/// Locks each dependency `FOR KEY SHARE` before reading its state: a dependency
+/// that dies concurrently (failed, cancelled, lost on its last attempt) either
+/// committed first, and is seen dead here, or waits for this transaction and
+/// then finds the new dependent when it cancels its dependents. Without the lock
+/// the dependent could slip in unseen and wait forever on a dead task.
 async fn enqueue(t: &mut Tx<'_>, tasks: &[NewTask], source: &EventSource) -> R<Vec<(Task, bool)>> {
     let mut out = Vec::with_capacity(tasks.len());
     let mut created: Vec<Task> = Vec::new();
     for nt in tasks {
+        // A repeat is answered before anything else is checked (as SQLite does):
+        // its dependencies may have been pruned since the first enqueue.
+        if let Some(key) = &nt.idempotency_key {
+            if let Some(existing) = by_key(t, key).await? {
+                let (task, _) = load(&t.c, &existing)
+                    .await?
+                    .ok_or_else(|| not_found(&existing))?;
+                out.push((task, true));
+                continue;
+            }
+        }
         let mut dead_dep = None;
         for (i, d) in nt.depends_on.iter().enumerate() {
-            let state: Option<String> =
-                row_opt(&t.c, "SELECT state FROM tasks WHERE id = $1", &[d])
-                    .await?
-                    .map(|r| get(&r, 0))
-                    .transpose()?;
+            let state: Option<String> = row_opt(
+                &t.c,
+                "SELECT state FROM tasks WHERE id = $1 FOR KEY SHARE",
+                &[d],
+            )
+            .await?
+            .map(|r| get(&r, 0))
+            .transpose()?;
             match state.as_deref().and_then(TaskState::parse) {
                 None => {
                     return Err(Fail::Done(Error::bad_field(
@@ -256,15 +287,13 @@ async fn enqueue(t: &mut Tx<'_>, tasks: &[NewTask], source: &EventSource) -> R<V
         )
         .await?;
         if inserted == 0 {
-            let existing: String = get(
-                &row_one(
-                    &t.c,
-                    "SELECT id FROM tasks WHERE idempotency_key = $1",
-                    &[&nt.idempotency_key],
-                )
-                .await?,
-                0,
-            )?;
+            let key = nt.idempotency_key.as_deref().unwrap_or_default();
+            let existing = by_key(t, key).await?.ok_or_else(|| {
+                Fail::Done(Error::internal(format!(
+                    "task {} conflicted on idempotency key {key:?} that no task holds",
+                    nt.id
+                )))
+            })?;
             let (task, _) = load(&t.c, &existing)
                 .await?
                 .ok_or_else(|| not_found(&existing))?;
@@ -291,11 +320,28 @@ async fn enqueue(t: &mut Tx<'_>, tasks: &[NewTask], source: &EventSource) -> R<V
         let refs: Vec<&Task> = created.iter().collect();
         event(t, topics::TASK_ENQUEUED, source, &refs, json!({}));
     }
+    // Enqueued behind a dependency that had already died: cancelled at birth,
+    // and said so like any other cancellation.
+    for task in created.iter().filter(|x| x.state == TaskState::Cancelled) {
+        event(
+            t,
+            topics::TASK_CANCELLED,
+            &hub_source(),
+            &[task],
+            json!({"reason": task.error}),
+        );
+    }
     Ok(out)
 }
 
+/// Holds the claimer's row `FOR KEY SHARE` until COMMIT: an expiry or close of the
+/// claimer (which locks the row `FOR UPDATE`, then returns the claimer's running
+/// tasks) either ends it first, and the claim is refused, or waits for the claim
+/// and then finds and releases the tasks it took. Without the lock a claim
+/// racing the claimer's end would leave tasks held by an ended instance until
+/// their leases ran out.
 async fn claim(t: &mut Tx<'_>, spec: &ClaimSpec) -> R<Vec<ClaimedTask>> {
-    let inst = get_instance(&t.c, &spec.instance)
+    let inst = share_instance(t, &spec.instance)
         .await?
         .filter(|i| i.state == InstanceState::Live && i.lease_until.millis() >= t.now)
         .ok_or_else(|| Fail::Done(Error::unknown_instance(&spec.instance)))?;
