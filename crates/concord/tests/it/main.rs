@@ -6,5 +6,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod events;
+mod failover;
 mod primaries;
+mod replicas;
 mod tokens;
