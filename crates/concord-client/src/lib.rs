@@ -130,10 +130,12 @@ impl Client {
                     tried.push(format!("{url}: {}", error_chain(&e)));
                     continue;
                 }
-                Err(e) => return Err(Error::unavailable(format!(
+                Err(e) => {
+                    return Err(Error::unavailable(format!(
                     "hub unreachable: {url}: {} (the request may or may not have been carried out)",
                     error_chain(&e)
-                ))),
+                )))
+                }
             }
         }
         Err(Error::unavailable(format!(

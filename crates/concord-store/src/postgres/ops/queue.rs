@@ -662,64 +662,73 @@ impl QueueStore for PostgresStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
-        let c = self.inner.client().await?;
-        Ok(load(&c, id).await.map_err(Error::from)?.map(|t| t.0))
+        timed(async {
+            let c = self.inner.client().await?;
+            Ok(load(&c, id).await.map_err(Error::from)?.map(|t| t.0))
+        })
+        .await
     }
 
     async fn list_tasks(&self, f: TaskFilter) -> Result<Vec<Task>> {
-        let c = self.inner.client().await?;
-        let state = f.state.map(TaskState::as_str);
-        let rs = rows(
-            &c,
-            &format!(
-                "SELECT {TASK_COLS} FROM tasks WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR state = $2) \
-                 AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
-            ),
-            &[&f.queue, &state, &f.after, &limit_param(f.limit)],
-        )
+        timed(async {
+            let c = self.inner.client().await?;
+            let state = f.state.map(TaskState::as_str);
+            let rs = rows(
+                &c,
+                &format!(
+                    "SELECT {TASK_COLS} FROM tasks WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR state = $2) \
+                     AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
+                ),
+                &[&f.queue, &state, &f.after, &limit_param(f.limit)],
+            )
+            .await
+            .map_err(Error::from)?;
+            rs.iter()
+                .map(|r| task_from_row(r).map(|t| t.0).map_err(Error::from))
+                .collect()
+        })
         .await
-        .map_err(Error::from)?;
-        rs.iter()
-            .map(|r| task_from_row(r).map(|t| t.0).map_err(Error::from))
-            .collect()
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
-        let c = self.inner.client().await?;
-        let now = now_ms(&c).await.map_err(Error::from)?;
-        let rs = rows(
-            &c,
-            "SELECT queue, state, count(*), MIN(CASE WHEN state = 'pending' THEN created_at END) \
-             FROM tasks GROUP BY queue, state ORDER BY queue",
-            &[],
-        )
-        .await
-        .map_err(Error::from)?;
-        let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
-        for r in rs {
-            let queue: String = get(&r, 0).map_err(Error::from)?;
-            let state: String = get(&r, 1).map_err(Error::from)?;
-            let n = get::<i64>(&r, 2).map_err(Error::from)? as u64;
-            let oldest: Option<i64> = get(&r, 3).map_err(Error::from)?;
-            let q = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats {
-                name: queue,
-                ..Default::default()
-            });
-            match TaskState::parse(&state) {
-                Some(TaskState::Pending) => {
-                    q.pending = n;
-                    q.oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
+        timed(async {
+            let c = self.inner.client().await?;
+            let now = now_ms(&c).await.map_err(Error::from)?;
+            let rs = rows(
+                &c,
+                "SELECT queue, state, count(*), MIN(CASE WHEN state = 'pending' THEN created_at END) \
+                 FROM tasks GROUP BY queue, state ORDER BY queue",
+                &[],
+            )
+            .await
+            .map_err(Error::from)?;
+            let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
+            for r in rs {
+                let queue: String = get(&r, 0).map_err(Error::from)?;
+                let state: String = get(&r, 1).map_err(Error::from)?;
+                let n = get::<i64>(&r, 2).map_err(Error::from)? as u64;
+                let oldest: Option<i64> = get(&r, 3).map_err(Error::from)?;
+                let q = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats {
+                    name: queue,
+                    ..Default::default()
+                });
+                match TaskState::parse(&state) {
+                    Some(TaskState::Pending) => {
+                        q.pending = n;
+                        q.oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
+                    }
+                    Some(TaskState::Scheduled) => q.scheduled = n,
+                    Some(TaskState::Running) => q.running = n,
+                    Some(TaskState::Completed) => q.completed = n,
+                    Some(TaskState::Failed) => q.failed = n,
+                    Some(TaskState::Dead) => q.dead = n,
+                    Some(TaskState::Cancelled) => q.cancelled = n,
+                    None => {}
                 }
-                Some(TaskState::Scheduled) => q.scheduled = n,
-                Some(TaskState::Running) => q.running = n,
-                Some(TaskState::Completed) => q.completed = n,
-                Some(TaskState::Failed) => q.failed = n,
-                Some(TaskState::Dead) => q.dead = n,
-                Some(TaskState::Cancelled) => q.cancelled = n,
-                None => {}
             }
-        }
-        Ok(by_queue.into_values().collect())
+            Ok(by_queue.into_values().collect())
+        })
+        .await
     }
 
     async fn requeue_lapsed(&self, limit: usize) -> Result<usize> {
@@ -746,34 +755,40 @@ impl QueueStore for PostgresStore {
     }
 
     async fn list_schedules(&self) -> Result<Vec<Schedule>> {
-        let c = self.inner.client().await?;
-        let rs = rows(
-            &c,
-            &format!("SELECT {SCHEDULE_COLS} FROM schedules ORDER BY name"),
-            &[],
-        )
+        timed(async {
+            let c = self.inner.client().await?;
+            let rs = rows(
+                &c,
+                &format!("SELECT {SCHEDULE_COLS} FROM schedules ORDER BY name"),
+                &[],
+            )
+            .await
+            .map_err(Error::from)?;
+            rs.iter()
+                .map(|r| schedule_from_row(r).map_err(Error::from))
+                .collect()
+        })
         .await
-        .map_err(Error::from)?;
-        rs.iter()
-            .map(|r| schedule_from_row(r).map_err(Error::from))
-            .collect()
     }
 
     async fn due_schedules(&self) -> Result<Vec<Schedule>> {
-        let c = self.inner.client().await?;
-        let now = now_ms(&c).await.map_err(Error::from)?;
-        let rs = rows(
-            &c,
-            &format!(
-                "SELECT {SCHEDULE_COLS} FROM schedules WHERE next_due <= $1 ORDER BY next_due"
-            ),
-            &[&now],
-        )
+        timed(async {
+            let c = self.inner.client().await?;
+            let now = now_ms(&c).await.map_err(Error::from)?;
+            let rs = rows(
+                &c,
+                &format!(
+                    "SELECT {SCHEDULE_COLS} FROM schedules WHERE next_due <= $1 ORDER BY next_due"
+                ),
+                &[&now],
+            )
+            .await
+            .map_err(Error::from)?;
+            rs.iter()
+                .map(|r| schedule_from_row(r).map_err(Error::from))
+                .collect()
+        })
         .await
-        .map_err(Error::from)?;
-        rs.iter()
-            .map(|r| schedule_from_row(r).map_err(Error::from))
-            .collect()
     }
 
     async fn fire_schedule(&self, name: &str, due: i64, next_due: i64) -> Result<Option<Task>> {
