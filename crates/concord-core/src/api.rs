@@ -680,3 +680,80 @@ pub struct Schedule {
 pub struct ScheduleList {
     pub schedules: Vec<Schedule>,
 }
+
+// ---------- dispatch ----------
+
+pub use crate::dispatch::{IfUnderMin, Quorum, Reducer, ReducerKind};
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchSelect {
+    #[serde(default)]
+    pub entity: Option<String>,
+    /// The peer must have all of these.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Default: primary and secondary.
+    #[serde(default)]
+    pub roles: Option<Vec<Role>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchRequest {
+    /// A word; peers receive the work in queue `dispatch.<command>`.
+    pub command: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default)]
+    pub select: DispatchSelect,
+    pub quorum: Quorum,
+    #[serde(default)]
+    pub min: Option<usize>,
+    #[serde(default)]
+    pub max: Option<usize>,
+    /// Deadline from now; default 30000, range 100..=3600000.
+    #[serde(default)]
+    pub timeout_ms: Option<i64>,
+    /// Default `all`.
+    #[serde(default)]
+    pub reducer: Option<Reducer>,
+    #[serde(default)]
+    pub if_under_min: IfUnderMin,
+    /// Only idempotent commands are retried on another peer.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// Default true: answer when the dispatch is done; false: answer at once.
+    #[serde(default)]
+    pub wait: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct DispatchPeer {
+    pub instance: String,
+    pub task: String,
+    /// pending, running, completed, failed, timeout, cancelled.
+    pub state: String,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub latency_ms: Option<i64>,
+    /// Answered after the dispatch had its answer: recorded, not used.
+    pub late: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct DispatchView {
+    pub id: String,
+    pub command: String,
+    /// running, completed, degraded, failed.
+    pub state: String,
+    pub result: Option<Value>,
+    /// Peers the reducer left out, with the reason; majority ties.
+    pub outcome: Value,
+    pub peers: Vec<DispatchPeer>,
+    pub selected: usize,
+    pub responded: usize,
+    pub created_at: Timestamp,
+    pub deadline: Timestamp,
+    pub finished_at: Option<Timestamp>,
+}

@@ -74,6 +74,13 @@ pub enum Action {
     EventRead,
     MessageSend,
     InboxRead,
+    TaskEnqueue,
+    TaskRead,
+    TaskWork,
+    TaskClaim,
+    TaskCancel,
+    ScheduleWrite,
+    Dispatch,
 }
 
 use Grant::*;
@@ -103,7 +110,32 @@ impl Action {
         Action::EventRead,
         Action::MessageSend,
         Action::InboxRead,
+        Action::TaskEnqueue,
+        Action::TaskRead,
+        Action::TaskWork,
+        Action::TaskClaim,
+        Action::TaskCancel,
+        Action::ScheduleWrite,
+        Action::Dispatch,
     ];
+
+    /// Writes to shared state that a ghost (an unlabelled secondary or fork) may not
+    /// make until it is labelled (DESIGN §4); checked against the instance's record.
+    pub fn denies_ghosts(self) -> bool {
+        matches!(
+            self,
+            Action::PrimaryCampaign
+                | Action::PrimaryResign
+                | Action::PrimaryTransfer
+                | Action::StateWrite
+                | Action::EventPublish
+                | Action::MessageSend
+                | Action::TaskEnqueue
+                | Action::TaskClaim
+                | Action::TaskCancel
+                | Action::Dispatch
+        )
+    }
 
     /// The table.
     pub fn rule(self) -> &'static [Grant] {
@@ -116,7 +148,15 @@ impl Action {
             | Action::GhostRead
             | Action::StateRead
             | Action::StatusRead
-            | Action::EventRead => READ_ALL,
+            | Action::EventRead
+            | Action::TaskRead => READ_ALL,
+            Action::TaskEnqueue | Action::TaskCancel | Action::Dispatch => {
+                &[Admin, AgentAny, SessionAny]
+            }
+            // Claims are by instances; the claim token is what completes a task.
+            Action::TaskWork => &[Admin, SessionAny],
+            Action::TaskClaim => &[SessionAny],
+            Action::ScheduleWrite => &[Admin, AgentAny],
             Action::EventPublish | Action::MessageSend => &[Admin, AgentAny, SessionAny],
             Action::InboxRead => &[SessionSelf],
             Action::InstanceUpdate | Action::InstanceClose => &[Admin, AgentOwnEntity, SessionSelf],

@@ -8,6 +8,7 @@
 pub mod address;
 pub mod api;
 pub mod authz;
+pub mod dispatch;
 pub mod error;
 pub mod fencing;
 pub mod ids;

@@ -7,6 +7,7 @@
 
 mod auth;
 mod bus;
+mod dispatch;
 mod error;
 mod extract;
 mod limits;
@@ -14,10 +15,11 @@ mod metrics;
 mod openapi;
 mod presence;
 mod reaper;
-mod routes;
+pub mod routes;
 mod tail;
 
 pub use error::{ApiError, ApiResult};
+pub use routes::table::{RouteRule, Subject, ROUTES};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -49,11 +51,15 @@ pub struct HubConfig {
     pub events_max_count: i64,
     /// How often retention pruning runs.
     pub retention_interval: Duration,
+    /// How long finished tasks are kept.
+    pub tasks_retention_ms: i64,
     /// How long an ended instance's inbox is kept.
     pub inbox_retention_ms: i64,
     /// Open SSE streams and long-polls allowed per token.
     pub max_streams_per_token: usize,
     pub max_long_polls_per_token: usize,
+    /// Live instances one entity may have (None: unlimited).
+    pub max_instances_per_entity: Option<u32>,
 }
 
 impl Default for HubConfig {
@@ -68,8 +74,10 @@ impl Default for HubConfig {
             events_max_count: 1_000_000,
             retention_interval: Duration::from_secs(10),
             inbox_retention_ms: 86_400_000,
+            tasks_retention_ms: 7 * 86_400_000,
             max_streams_per_token: 256,
             max_long_polls_per_token: 1024,
+            max_instances_per_entity: Some(10_000),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! Every operation also documents the error responses every route can give, in the
 //! project's one error shape, so a fuzzer can check responses against the schema.
 
-use crate::routes::{entities, events, instances, messages, state, system, tokens};
+use crate::routes::{
+    dispatch, entities, events, instances, messages, state, system, tasks, tokens,
+};
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
@@ -33,6 +35,9 @@ pub struct ErrorDetail {
         entities::list, entities::get, entities::campaign, entities::resign, entities::transfer, entities::route,
         state::list, state::get, state::put, state::delete,
         events::publish, events::read, events::stream, messages::send, messages::inbox, messages::ack,
+        tasks::enqueue, tasks::enqueue_batch, tasks::claim, tasks::heartbeat, tasks::complete, tasks::complete_batch,
+        tasks::fail, tasks::cancel, tasks::get, tasks::list, tasks::queues, tasks::put_schedule, tasks::list_schedules,
+        tasks::delete_schedule, dispatch::create, dispatch::get,
         system::status, system::healthz, system::readyz, system::metrics, system::openapi,
     ),
     components(schemas(ErrorBody, ErrorDetail)),

@@ -32,8 +32,11 @@ pub(crate) async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         }
         n = n.wrapping_add(1);
         sweep_memory(&state).await;
+        requeue(&state).await;
         if n.is_multiple_of(DURABLE_EVERY) {
             sweep_durable(&state).await;
+            fire_schedules(&state).await;
+            finish_dispatches(&state).await;
             state.limits.shrink();
         }
     }
@@ -91,7 +94,67 @@ async fn sweep_durable(state: &Arc<AppState>) {
     }
 }
 
+/// Tasks whose claim lease lapsed go back to the queue; due retries and
+/// scheduled tasks become pending.
+async fn requeue(state: &Arc<AppState>) {
+    if let Err(e) = state.store.requeue_lapsed(1000).await {
+        tracing::warn!("requeue: {e}");
+    }
+}
+
+/// Enqueues one task per due time of each due schedule. Every replica may do
+/// this at once: the store fires a due time once (idempotency key per due time).
+async fn fire_schedules(state: &Arc<AppState>) {
+    let due = match state.store.due_schedules().await {
+        Ok(d) => d,
+        Err(e) => return tracing::warn!("schedules: {e}"),
+    };
+    let Ok(now) = state.store.now_ms().await else {
+        return;
+    };
+    for s in due {
+        let Ok(rec) = concord_core::task::Recurrence::parse(s.every_ms, s.cron.as_deref()) else {
+            tracing::warn!(schedule = %s.name, "schedule has an invalid recurrence; skipped");
+            continue;
+        };
+        // Missed due times (the hub was down) fire once, for the latest of them.
+        let Some(next) = rec.next_after(now.max(s.next_due.millis())) else {
+            continue;
+        };
+        match state
+            .store
+            .fire_schedule(&s.name, s.next_due.millis(), next)
+            .await
+        {
+            Ok(Some(t)) => tracing::debug!(schedule = %s.name, task = %t.id, "schedule fired"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(schedule = %s.name, "schedule: {e}"),
+        }
+    }
+}
+
+/// Dispatches nobody waits on (wait: false, or the hub restarted) still finish at
+/// their deadline or quorum.
+async fn finish_dispatches(state: &Arc<AppState>) {
+    let running = match state.store.running_dispatches().await {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!("dispatch sweep: {e}"),
+    };
+    for id in running {
+        if let Err(e) = crate::dispatch::evaluate(state, &id).await {
+            tracing::warn!(dispatch = %id, "dispatch sweep: {e}");
+        }
+    }
+}
+
 async fn prune(state: &Arc<AppState>) {
+    if let Err(e) = state
+        .store
+        .prune_tasks(state.config.tasks_retention_ms)
+        .await
+    {
+        tracing::warn!("task retention: {e}");
+    }
     let c = &state.config;
     match state
         .store

@@ -7,11 +7,13 @@
 //! that same transaction. Time for leases comes from the store's clock (the hub's for
 //! SQLite, the database's `now()` for PostgreSQL), so replicas never disagree.
 
+pub mod dispatch;
 mod model;
 pub mod postgres;
 pub mod queue;
 pub mod sqlite;
 
+pub use dispatch::*;
 pub use model::*;
 pub use queue::*;
 
@@ -28,7 +30,7 @@ use std::sync::Arc;
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
-pub trait Store: EventStore + QueueStore + Send + Sync + 'static {
+pub trait Store: EventStore + QueueStore + DispatchStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

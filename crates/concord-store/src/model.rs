@@ -27,6 +27,16 @@ pub struct NewInstance {
     pub owner: String,
     /// Token that registered it (for the event's source).
     pub registered_by: String,
+    /// Refuse the registration when the entity already has this many live instances.
+    pub max_live_per_entity: Option<u32>,
+}
+
+/// The error for an entity at its live-instance limit.
+pub fn too_many_instances(entity: &str, limit: u32) -> concord_core::Error {
+    concord_core::Error::conflict(format!(
+        "entity {entity} already has {limit} live instances (the hub's --max-instances-per-entity); close some first"
+    ))
+    .with_details(serde_json::json!({"entity": entity, "limit": limit}))
 }
 
 #[derive(Debug, Clone)]
@@ -115,4 +125,7 @@ pub mod topics {
     pub const TASK_CANCELLED: &str = "sys.task.cancelled";
     pub const TASK_REQUEUED: &str = "sys.task.requeued";
     pub const SCHEDULE_CHANGED: &str = "sys.schedule.changed";
+    pub const DISPATCH_CREATED: &str = "sys.dispatch.created";
+    pub const DISPATCH_PEERS_ADDED: &str = "sys.dispatch.peers_added";
+    pub const DISPATCH_FINISHED: &str = "sys.dispatch.finished";
 }

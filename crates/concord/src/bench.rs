@@ -18,6 +18,16 @@ use std::time::{Duration, Instant};
 pub enum Suite {
     /// Heartbeats from many live instances (DESIGN §10: ≥ 20,000/s, p99 < 5 ms for 10,000).
     Heartbeat,
+    /// Enqueue, claim, complete with single-item calls, 1 KiB payloads (≥ 10,000 tasks/s).
+    Queue,
+    /// The same cycle with batch calls of 100 (≥ 50,000 tasks/s).
+    QueueBatch,
+    /// Publish → SSE delivery to 100 subscribers at 5,000 events/s (p99 < 5 ms).
+    Events,
+    /// A multi dispatch to 10 peers that answer at once (overhead p99 < 10 ms).
+    Dispatch,
+    /// Every suite above, each with its baselines.
+    All,
 }
 
 #[derive(Args)]
@@ -39,36 +49,60 @@ pub struct BenchArgs {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Live instances (heartbeat suite).
+    /// Live instances (heartbeat suite); ignored by the others.
     #[arg(long, default_value_t = 10_000)]
     instances: usize,
+    /// Durability of the embedded SQLite hub: full (fsync every group commit) or normal.
+    #[arg(long, value_enum, default_value = "full")]
+    durability: crate::serve::DurabilityArg,
     /// Print one JSON object instead of lines.
     #[arg(long)]
     json: bool,
+    /// Skip the baselines (PostgreSQL, Redis, etcd, NATS, bare HTTP).
+    #[arg(long)]
+    no_baselines: bool,
+    /// PostgreSQL for the SKIP LOCKED baseline.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    baseline_postgres: String,
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    baseline_redis: String,
+    #[arg(long, default_value = "127.0.0.1:4222")]
+    baseline_nats: String,
+    /// Repeat everything this many times; the report gives medians and spread.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Write a Markdown report (and an SVG chart beside it) to this path.
+    #[arg(long)]
+    markdown: Option<std::path::PathBuf>,
 }
 
-#[derive(Serialize)]
-struct Report {
-    suite: String,
-    backend: String,
-    instances: usize,
-    concurrency: usize,
-    duration_s: f64,
-    operations: u64,
-    errors: u64,
-    /// The first error of each kind (code and message), so a run with errors
-    /// says what they were.
-    error_kinds: Vec<String>,
-    throughput_per_s: f64,
-    p50_ms: f64,
-    p95_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    /// Store round trips the hub made for these heartbeats during the measured
-    /// window (from its /metrics): durable lease writes, and token lookups the
-    /// auth cache could not answer. Everything else was answered from memory.
-    durable_writes: u64,
-    token_lookups: u64,
+#[derive(Serialize, Clone, Debug)]
+pub struct Report {
+    pub suite: String,
+    /// `concord` or the baseline system's name.
+    pub system: String,
+    pub backend: String,
+    pub instances: usize,
+    pub concurrency: usize,
+    pub duration_s: f64,
+    pub operations: u64,
+    pub errors: u64,
+    pub throughput_per_s: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// The first error of each kind (code and message), so that a run with
+    /// errors says what they were.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub error_kinds: Vec<String>,
+    /// Heartbeat suite: the store round trips the hub made during the measured
+    /// window (from its /metrics), durable lease writes and token lookups the
+    /// auth cache could not answer. Every other heartbeat was answered from memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable_writes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_lookups: Option<u64>,
 }
 
 /// The hub's counters that tell how many heartbeats reached the store.
@@ -123,9 +157,17 @@ impl Drop for Embedded {
     }
 }
 
-async fn embedded(database: Option<&str>) -> Result<Embedded> {
+async fn embedded(
+    database: Option<&str>,
+    durability: crate::serve::DurabilityArg,
+) -> Result<Embedded> {
     let dir = tempfile::tempdir()?;
-    let pg = database.map(|url| (url.to_string(), format!("bench_{}", std::process::id())));
+    // A schema per suite run: each run starts from an empty store.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let pg = database.map(|url| {
+        let n = RUNS.fetch_add(1, Ordering::Relaxed);
+        (url.to_string(), format!("bench_{}_{n}", std::process::id()))
+    });
     let store: DynStore = match &pg {
         Some((url, schema)) => Arc::new(
             concord_store::postgres::PostgresStore::connect(url, Some(schema))
@@ -135,7 +177,12 @@ async fn embedded(database: Option<&str>) -> Result<Embedded> {
         None => Arc::new(
             concord_store::sqlite::SqliteStore::open(
                 &dir.path().join("concord.db"),
-                concord_store::sqlite::Durability::Full,
+                match durability {
+                    crate::serve::DurabilityArg::Full => concord_store::sqlite::Durability::Full,
+                    crate::serve::DurabilityArg::Normal => {
+                        concord_store::sqlite::Durability::Normal
+                    }
+                },
             )
             .map_err(|e| anyhow!("{e}"))?,
         ),
@@ -173,6 +220,81 @@ async fn embedded(database: Option<&str>) -> Result<Embedded> {
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
+    let suites = match args.suite {
+        Suite::All => vec![
+            Suite::Heartbeat,
+            Suite::Queue,
+            Suite::QueueBatch,
+            Suite::Events,
+            Suite::Dispatch,
+        ],
+        s => vec![s],
+    };
+    let mut reports: Vec<Report> = Vec::new();
+    for run in 0..args.runs.max(1) {
+        for &suite in &suites {
+            eprintln!("bench: run {} of {}: {suite:?}", run + 1, args.runs.max(1));
+            let r = concord_suite(&args, suite).await?;
+            print_report(&args, &r)?;
+            reports.push(r);
+            if !args.no_baselines {
+                for b in baselines(&args, suite).await {
+                    print_report(&args, &b)?;
+                    reports.push(b);
+                }
+            }
+        }
+        if !args.no_baselines
+            && suites
+                .iter()
+                .any(|s| matches!(s, Suite::Queue | Suite::Heartbeat))
+        {
+            let c = crate::baselines::http_ceiling(args.concurrency, args.duration).await?;
+            let c = Report {
+                suite: "http-ceiling".into(),
+                ..c
+            };
+            print_report(&args, &c)?;
+            reports.push(c);
+        }
+    }
+    if let Some(path) = &args.markdown {
+        crate::bench_report::write(path, &reports, &args_line(&args))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn args_line(a: &BenchArgs) -> String {
+    format!(
+        "--duration {} --concurrency {} --instances {} --runs {}",
+        a.duration, a.concurrency, a.instances, a.runs
+    )
+}
+
+fn print_report(args: &BenchArgs, r: &Report) -> Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        println!(
+            "{:<16} {:<28} {:>10.0}/s  p50 {:>7.3}  p95 {:>7.3}  p99 {:>7.3}  max {:>8.3} ms  (n={}, errors={})",
+            r.suite, format!("{} {}", r.system, r.backend), r.throughput_per_s, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms,
+            r.operations, r.errors
+        );
+        if let (Some(d), Some(t)) = (r.durable_writes, r.token_lookups) {
+            println!(
+                "{:<16} store round trips: {d} durable lease writes, {t} token lookups",
+                ""
+            );
+        }
+        for k in &r.error_kinds {
+            println!("{:<16} error: {k}", "");
+        }
+    }
+    Ok(())
+}
+
+async fn concord_suite(args: &BenchArgs, suite: Suite) -> Result<Report> {
     let (guard, url, admin, backend) = match &args.hub {
         Some(url) => {
             let token = args
@@ -182,15 +304,20 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             (None, url.clone(), token, "remote")
         }
         None => {
-            let e = embedded(args.database.as_deref()).await?;
+            let e = embedded(args.database.as_deref(), args.durability).await?;
             let (u, a, b) = (e.url.clone(), e.admin.clone(), e.backend);
             (Some(e), u, a, b)
         }
     };
-    let report = async {
+    let r = async {
         let client = Client::new(vec![url.clone()], Some(admin)).map_err(|e| anyhow!("{e}"))?;
-        match args.suite {
-            Suite::Heartbeat => heartbeat(&client, &url, &args, backend).await,
+        match suite {
+            Suite::Heartbeat => heartbeat(&client, &url, args, backend).await,
+            Suite::Queue => queue(&client, args, backend, 1).await,
+            Suite::QueueBatch => queue(&client, args, backend, 100).await,
+            Suite::Events => events(&client, args).await,
+            Suite::Dispatch => dispatch(&client, args).await,
+            Suite::All => Err(anyhow!("`all` is not one suite")),
         }
     }
     .await;
@@ -198,32 +325,224 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if let Some(g) = guard {
         g.finish().await?;
     }
-    let report = report?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!(
-            "{} ({} backend): {} instances, {} connections, {:.1} s\n  throughput {:.0}/s  ops {}  errors {}\n  latency ms: p50 {:.3}  p95 {:.3}  p99 {:.3}  max {:.3}\n  store round trips: {} durable lease writes, {} token lookups",
-            report.suite, report.backend, report.instances, report.concurrency, report.duration_s,
-            report.throughput_per_s, report.operations, report.errors,
-            report.p50_ms, report.p95_ms, report.p99_ms, report.max_ms,
-            report.durable_writes, report.token_lookups
-        );
-        for k in &report.error_kinds {
-            println!("  error: {k}");
-        }
-    }
-    Ok(())
+    let mut r = r?;
+    r.backend = backend.into();
+    r.system = "concord".into();
+    Ok(r)
 }
 
-/// The instances' TTL (DESIGN §4 default): heartbeats every TTL/3.
-const BENCH_TTL_S: u64 = 15;
+async fn baselines(args: &BenchArgs, suite: Suite) -> Vec<Report> {
+    use crate::baselines as b;
+    let (c, d) = (args.concurrency, args.duration);
+    let found = match suite {
+        Suite::Queue => vec![
+            b::pg_queue(&args.baseline_postgres, c, d, 1).await,
+            b::redis_queue(&args.baseline_redis, c, d, 1).await,
+        ],
+        Suite::QueueBatch => {
+            vec![
+                b::pg_queue(&args.baseline_postgres, c, d, 100).await,
+                b::redis_queue(&args.baseline_redis, c, d, 100).await,
+            ]
+        }
+        Suite::Heartbeat => vec![b::etcd_heartbeat(args.instances, c, d).await],
+        Suite::Events => {
+            vec![b::nats_events(&args.baseline_nats, EVENT_SUBSCRIBERS, EVENT_RATE, d).await]
+        }
+        _ => vec![],
+    };
+    let suite_name = match suite {
+        Suite::Queue => "queue",
+        Suite::QueueBatch => "queue-batch-100",
+        Suite::Heartbeat => "heartbeat",
+        Suite::Events => "events",
+        _ => "",
+    };
+    found
+        .into_iter()
+        .flatten()
+        .map(|r| Report {
+            suite: suite_name.into(),
+            ..r
+        })
+        .collect()
+}
 
-fn new_histogram() -> Histogram<u64> {
+pub const EVENT_SUBSCRIBERS: usize = 100;
+pub const EVENT_RATE: u64 = 5_000;
+
+/// Publish → SSE delivery latency to 100 subscribers at 5,000 events/s.
+async fn events(admin: &Client, args: &BenchArgs) -> Result<Report> {
+    let epoch = Instant::now();
+    let topic = format!("bench.ev{}", std::process::id());
+    let start = admin
+        .status()
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .last_event_seq;
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut subs = Vec::new();
+    for _ in 0..EVENT_SUBSCRIBERS {
+        let mut s = admin
+            .stream_events(&topic, Some(start), None)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let measuring = measuring.clone();
+        subs.push(tokio::spawn(async move {
+            let mut hist = new_histogram();
+            while let Ok(Ok(Some(concord_client::StreamItem::Event(e)))) =
+                tokio::time::timeout(Duration::from_secs(3), s.next()).await
+            {
+                if measuring.load(Ordering::Relaxed) {
+                    let sent = e.data["t"].as_u64().unwrap_or(0);
+                    let now = epoch.elapsed().as_micros() as u64;
+                    let _ = hist.record(now.saturating_sub(sent).max(1));
+                }
+            }
+            hist
+        }));
+    }
+    // Several publishers, each paced, so one slow call does not stall the rate.
+    let publishers = 8u64;
+    let per = EVENT_RATE / publishers;
+    let secs = args.duration.max(1);
+    let mut pubs = Vec::new();
+    for _ in 0..publishers {
+        let (admin, topic, measuring) = (admin.clone(), topic.clone(), measuring.clone());
+        pubs.push(tokio::spawn(async move {
+            let interval = Duration::from_nanos(1_000_000_000 / per.max(1));
+            let t0 = Instant::now();
+            let mut next = Instant::now();
+            let mut errors = 0u64;
+            while t0.elapsed() < Duration::from_secs(secs + 1) {
+                if t0.elapsed() >= Duration::from_secs(1) {
+                    measuring.store(true, Ordering::Relaxed);
+                }
+                let data = serde_json::json!({"t": epoch.elapsed().as_micros() as u64, "pad": "x".repeat(200)});
+                if admin.publish(&topic, data).await.is_err() {
+                    errors += 1;
+                }
+                next += interval;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    tokio::time::sleep(d).await;
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = 0;
+    for p in pubs {
+        errors += p.await?;
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let mut hist = new_histogram();
+    for s in subs {
+        hist.add(&s.await?).map_err(|e| anyhow!("{e}"))?;
+    }
+    let deliveries = hist.len() as f64 / secs as f64;
+    Ok(Report::from_hist(
+        "events",
+        "concord",
+        EVENT_SUBSCRIBERS,
+        secs as f64,
+        &hist,
+        errors,
+        deliveries,
+    ))
+}
+
+/// A multi dispatch to 10 in-process peers that answer at once.
+async fn dispatch(admin: &Client, args: &BenchArgs) -> Result<Report> {
+    use concord_core::api::{
+        DispatchRequest, DispatchSelect, IfUnderMin, Quorum, Reducer, ReducerKind,
+    };
+    let peers = 10;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for i in 0..peers {
+        let reg = admin
+            .register(&RegisterInstanceRequest {
+                entity: "bench-peers".into(),
+                role: Default::default(),
+                label: Some(format!("peer {i}")),
+                ttl_ms: Some(60_000),
+                capabilities: vec!["bench".into()],
+                endpoint: None,
+                host: None,
+                version: None,
+                persistent: false,
+                forked_from: None,
+                meta: serde_json::json!({}),
+            })
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let c = admin.with_token(reg.session_token);
+        let stop = stop.clone();
+        handles.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(tasks) = c.claim(&["dispatch.bench"], 10, None, 1_000).await {
+                    for t in tasks {
+                        let _ = c
+                            .complete_task(&t.task.id, &t.claim, serde_json::json!({"v": 1}))
+                            .await;
+                    }
+                }
+            }
+        }));
+    }
+    let req = Arc::new(DispatchRequest {
+        command: "bench".into(),
+        payload: serde_json::json!({}),
+        select: DispatchSelect {
+            entity: Some("bench-peers".into()),
+            capabilities: vec!["bench".into()],
+            roles: None,
+        },
+        quorum: Quorum::Multi,
+        min: Some(peers),
+        max: Some(peers),
+        timeout_ms: Some(10_000),
+        reducer: Some(Reducer {
+            kind: ReducerKind::WeightedMean,
+            path: Some("/v".into()),
+            weight_path: None,
+            score_path: None,
+            key_path: None,
+        }),
+        if_under_min: IfUnderMin::Fail,
+        idempotent: false,
+        wait: Some(true),
+    });
+    let admin2 = admin.clone();
+    let r = load(1, args.duration, move |_| {
+        let (c, req) = (admin2.clone(), req.clone());
+        Box::pin(async move {
+            let v = c.dispatch(&req).await.map_err(|e| anyhow!("{e}"))?;
+            if v.state != "completed" {
+                return Err(anyhow!("dispatch {}: {}", v.state, v.outcome));
+            }
+            Ok(1)
+        })
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.await;
+    }
+    Ok(Report {
+        suite: "dispatch-multi-10".into(),
+        ..r?
+    })
+}
+
+pub fn new_histogram() -> Histogram<u64> {
     // 1 µs .. 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
+
+/// The instances' TTL (DESIGN §4 default): they heartbeat every TTL/3.
+const BENCH_TTL_S: u64 = 15;
 
 async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -> Result<Report> {
     let n = args.instances.max(1);
@@ -231,8 +550,8 @@ async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -
     let started = Instant::now();
     // Registered instances, with when each last heartbeated. On a busy machine
     // registering 10,000 can take longer than their TTL: the keeper heartbeats
-    // them meanwhile, every TTL/3 like a real instance, so none expires before
-    // the measurement begins.
+    // them meanwhile, every TTL/3 like a real instance, so that none expires
+    // before the measurement begins.
     let registered: Arc<std::sync::Mutex<Vec<(String, Client, Instant)>>> =
         Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
     let keeping = Arc::new(AtomicBool::new(true));
@@ -335,7 +654,7 @@ async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -
                         Err(e) => {
                             errors += 1;
                             let kind = format!("{}: {}", e.code.as_str(), e.message);
-                            if kinds.len() < 5 && !kinds.iter().any(|k| k == &kind) {
+                            if kinds.len() < 5 && !kinds.contains(&kind) {
                                 kinds.push(kind);
                             }
                         }
@@ -370,19 +689,261 @@ async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
         suite: "heartbeat".into(),
+        system: "concord".into(),
         backend: backend.into(),
         instances: n,
         concurrency: args.concurrency,
         duration_s: elapsed,
         operations: hist.len(),
         errors,
-        error_kinds,
         throughput_per_s: hist.len() as f64 / elapsed,
         p50_ms: ms(0.5),
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),
         max_ms: hist.max() as f64 / 1000.0,
-        durable_writes: after.0.saturating_sub(before.0),
-        token_lookups: after.1.saturating_sub(before.1),
+        error_kinds,
+        durable_writes: Some(after.0.saturating_sub(before.0)),
+        token_lookups: Some(after.1.saturating_sub(before.1)),
     })
+}
+
+/// One worker's loop: enqueue `batch` tasks, claim up to `batch`, complete what it
+/// claimed. Latency is per cycle (the three calls); throughput counts completed tasks.
+async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) -> Result<Report> {
+    use concord_core::api::{CompleteItem, EnqueueRequest};
+    let payload = serde_json::json!({ "blob": "x".repeat(1000) });
+    let queue_name = format!("bench-{}", std::process::id());
+    let conc = args.concurrency.max(1);
+    let mut sessions = Vec::with_capacity(conc);
+    for w in 0..conc {
+        let reg = admin
+            .register(&RegisterInstanceRequest {
+                entity: "bench-workers".into(),
+                role: Default::default(),
+                label: Some(format!("worker {w}")),
+                ttl_ms: Some(60_000),
+                capabilities: vec![],
+                endpoint: None,
+                host: None,
+                version: None,
+                persistent: false,
+                forked_from: None,
+                meta: serde_json::json!({}),
+            })
+            .await
+            .map_err(|e| anyhow!("register: {e}"))?;
+        sessions.push(admin.with_token(reg.session_token));
+    }
+    let measuring = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for c in sessions {
+        let (measuring, done) = (measuring.clone(), done.clone());
+        let (payload, queue_name) = (payload.clone(), queue_name.clone());
+        workers.push(tokio::spawn(async move {
+            let mut hist = new_histogram();
+            let (mut tasks, mut errors) = (0u64, 0u64);
+            let mk = || EnqueueRequest {
+                queue: queue_name.clone(),
+                payload: payload.clone(),
+                ..Default::default()
+            };
+            while !done.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let enq = if batch == 1 {
+                    c.enqueue(&mk()).await.map(|_| ())
+                } else {
+                    c.enqueue_batch((0..batch).map(|_| mk()).collect())
+                        .await
+                        .map(|_| ())
+                };
+                let cycle = async {
+                    enq?;
+                    let claimed = c
+                        .claim(&[queue_name.as_str()], batch as u32, Some(60_000), 0)
+                        .await?;
+                    let n = claimed.len() as u64;
+                    if batch == 1 {
+                        for t in claimed {
+                            c.complete_task(&t.task.id, &t.claim, serde_json::json!(1))
+                                .await?;
+                        }
+                    } else if !claimed.is_empty() {
+                        let items = claimed
+                            .into_iter()
+                            .map(|t| CompleteItem {
+                                id: t.task.id,
+                                claim: t.claim,
+                                result: serde_json::json!(1),
+                            })
+                            .collect();
+                        c.complete_batch(items).await?;
+                    }
+                    Ok::<u64, concord_core::Error>(n)
+                };
+                let r = cycle.await;
+                if measuring.load(Ordering::Relaxed) {
+                    match r {
+                        Ok(n) => {
+                            tasks += n;
+                            let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (hist, tasks, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration.max(1))).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let mut hist = new_histogram();
+    let (mut tasks, mut errors) = (0, 0);
+    for w in workers {
+        let (h, t, e) = w.await?;
+        hist.add(&h).map_err(|e| anyhow!("{e}"))?;
+        tasks += t;
+        errors += e;
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Report {
+        system: "concord".into(),
+        suite: if batch == 1 {
+            "queue".into()
+        } else {
+            format!("queue-batch-{batch}")
+        },
+        backend: backend.into(),
+        instances: conc,
+        concurrency: conc,
+        duration_s: elapsed,
+        operations: tasks,
+        errors,
+        throughput_per_s: tasks as f64 / elapsed,
+        p50_ms: ms(0.5),
+        p95_ms: ms(0.95),
+        p99_ms: ms(0.99),
+        max_ms: hist.max() as f64 / 1000.0,
+        error_kinds: Vec::new(),
+        durable_writes: None,
+        token_lookups: None,
+    })
+}
+
+/// One iteration of a load loop: the number of units (tasks, heartbeats) it did.
+pub type Job = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send>>;
+
+/// Runs `make(worker)` in a loop on `conc` workers: a 1 s warm-up, then `secs`
+/// measured. Latency is per iteration; throughput counts units.
+pub async fn load<F>(conc: usize, secs: u64, make: F) -> Result<Report>
+where
+    F: Fn(usize) -> Job + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..conc.max(1) {
+        let (make, measuring, done) = (make.clone(), measuring.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut hist = new_histogram();
+            let (mut units, mut errors, mut last_err) = (0u64, 0u64, None);
+            while !done.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = make(w).await;
+                if measuring.load(Ordering::Relaxed) {
+                    match r {
+                        Ok(n) => {
+                            units += n;
+                            let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            last_err = Some(e.to_string());
+                        }
+                    }
+                } else if let Err(e) = r {
+                    last_err = Some(e.to_string());
+                    errors += 1;
+                    if errors > 100 {
+                        break;
+                    }
+                }
+            }
+            (hist, units, errors, last_err)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let mut hist = new_histogram();
+    let (mut units, mut errors, mut last) = (0, 0, None);
+    for w in workers {
+        let (h, u, e, l) = w.await?;
+        hist.add(&h).map_err(|e| anyhow!("{e}"))?;
+        units += u;
+        errors += e;
+        last = last.or(l);
+    }
+    if units == 0 {
+        return Err(anyhow!(
+            "no successful operation ({errors} errors; last: {})",
+            last.unwrap_or_default()
+        ));
+    }
+    Ok(Report::from_hist(
+        "",
+        "",
+        conc,
+        elapsed,
+        &hist,
+        errors,
+        units as f64 / elapsed,
+    ))
+}
+
+impl Report {
+    pub fn from_hist(
+        suite: &str,
+        system: &str,
+        conc: usize,
+        secs: f64,
+        hist: &Histogram<u64>,
+        errors: u64,
+        throughput: f64,
+    ) -> Report {
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Report {
+            suite: suite.into(),
+            system: system.into(),
+            backend: String::new(),
+            instances: 0,
+            concurrency: conc,
+            duration_s: secs,
+            operations: hist.len(),
+            errors,
+            throughput_per_s: throughput,
+            p50_ms: ms(0.5),
+            p95_ms: ms(0.95),
+            p99_ms: ms(0.99),
+            max_ms: hist.max() as f64 / 1000.0,
+            error_kinds: Vec::new(),
+            durable_writes: None,
+            token_lookups: None,
+        }
+    }
+
+    pub fn named(mut self, system: &str) -> Report {
+        self.system = system.into();
+        self
+    }
 }

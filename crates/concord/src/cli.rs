@@ -115,6 +115,21 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Work-queue tasks.
+    #[command(subcommand)]
+    Task(crate::task_cli::TaskCmd),
+    /// Counts per state for every queue.
+    Queues {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Recurring schedules that enqueue tasks.
+    #[command(subcommand)]
+    Schedule(crate::task_cli::ScheduleCmd),
+    /// One command to many agents, one answer back (quorum and reducer).
+    Dispatch(crate::dispatch_cli::DispatchArgs),
+    /// Run a command once per task of a queue: `concord work QUEUE -- CMD ARGS…`.
+    Work(crate::work::WorkArgs),
     /// Read this instance's inbox (needs the instance's session token).
     Inbox {
         /// Wait up to 30 s for a message.
@@ -188,7 +203,7 @@ pub enum StateCmd {
     },
 }
 
-fn e(err: concord_core::Error) -> anyhow::Error {
+pub fn e(err: concord_core::Error) -> anyhow::Error {
     anyhow!("{} ({})", err.message, err.code.as_str())
 }
 
@@ -406,6 +421,11 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
                 &rows,
             );
         }
+        ClientCommand::Task(t) => crate::task_cli::task(t).await?,
+        ClientCommand::Queues { conn } => crate::task_cli::queues(conn).await?,
+        ClientCommand::Schedule(s) => crate::task_cli::schedule(s).await?,
+        ClientCommand::Work(w) => crate::work::run(w).await?,
+        ClientCommand::Dispatch(d) => crate::dispatch_cli::run(d).await?,
         ClientCommand::Token(t) => token(t).await?,
         ClientCommand::State(s) => state(s).await?,
     }
@@ -470,7 +490,7 @@ async fn token(cmd: TokenCmd) -> Result<()> {
     Ok(())
 }
 
-fn parse_value(s: &str) -> Value {
+pub fn parse_value(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_string()))
 }
 

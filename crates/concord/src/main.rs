@@ -1,10 +1,15 @@
 //! `concord`: the hub (`concord serve`), the CLI and the benchmarks, in one binary.
 //! Thin by design: the hub lives in concord-server, the API client in concord-client.
 
+mod baselines;
 mod bench;
+mod bench_report;
 mod cli;
+mod dispatch_cli;
 mod output;
 mod serve;
+mod task_cli;
+mod work;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,7 +32,7 @@ enum Command {
     /// Run a benchmark suite.
     Bench(bench::BenchArgs),
     #[command(flatten)]
-    Client(cli::ClientCommand),
+    Client(Box<cli::ClientCommand>),
 }
 
 fn main() -> ExitCode {
@@ -46,7 +51,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Client(cmd) => cli::run(cmd).await,
+            Command::Client(cmd) => cli::run(*cmd).await,
         }
     });
     match result {

@@ -55,6 +55,15 @@ pub struct ServeArgs {
     /// Event retention by count: the newest N events are kept.
     #[arg(long, default_value_t = 1_000_000)]
     pub events_max_count: i64,
+    /// Live instances one entity may have (0 = unlimited).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_instances_per_entity: u32,
+    /// Open SSE streams per token.
+    #[arg(long, default_value_t = 256)]
+    pub max_streams_per_token: usize,
+    /// Open long-polls per token.
+    #[arg(long, default_value_t = 1024)]
+    pub max_long_polls_per_token: usize,
     /// How often retention runs, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub retention_interval_ms: u64,
@@ -164,6 +173,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         events_max_age_ms: args.events_max_age.saturating_mul(1000),
         events_max_count: args.events_max_count.max(1),
         retention_interval: std::time::Duration::from_millis(args.retention_interval_ms.max(100)),
+        max_instances_per_entity: (args.max_instances_per_entity > 0)
+            .then_some(args.max_instances_per_entity),
+        max_streams_per_token: args.max_streams_per_token.max(1),
+        max_long_polls_per_token: args.max_long_polls_per_token.max(1),
         ..HubConfig::default()
     };
     let hub = Hub::start(store.clone(), config)

@@ -1,4 +1,4 @@
-use super::instances::require_labelled;
+use super::instances::{deny_ghost, require_labelled};
 use crate::error::ApiResult;
 use crate::extract::{Caller, Json, OptionalJson};
 use crate::AppState;
@@ -127,6 +127,7 @@ pub(crate) async fn resign(
             instance: None,
         },
     )?;
+    deny_ghost(&s, &p).await?;
     let who = if p.is_admin() {
         req.instance.clone()
     } else {
@@ -159,6 +160,7 @@ pub(crate) async fn transfer(
             instance: None,
         },
     )?;
+    deny_ghost(&s, &p).await?;
     let from = if p.is_admin() {
         None
     } else {

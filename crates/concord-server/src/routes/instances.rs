@@ -46,6 +46,7 @@ pub(crate) async fn register(
             session_secret_hash: session_hash.clone(),
             owner: s.config.hub_id.clone(),
             registered_by: p.token_id.clone(),
+            max_live_per_entity: s.config.max_instances_per_entity,
         })
         .await?;
     s.presence
@@ -245,4 +246,21 @@ pub(crate) async fn require_labelled(s: &AppState, p: &Principal) -> ApiResult<O
         .into());
     }
     Ok(Some(inst))
+}
+
+/// The ghost rule alone, for fenced writes: an unlabelled secondary or fork may
+/// not write shared state; whether the writer is still live and primary is the
+/// store's fencing check, which answers `fenced` (not `unknown_instance`) so a
+/// stale primary learns exactly why.
+pub(crate) async fn deny_ghost(s: &AppState, p: &Principal) -> ApiResult<()> {
+    let Some(id) = &p.instance else { return Ok(()) };
+    if let Some(inst) = s.store.get_instance(id).await? {
+        if inst.role != Role::Primary && inst.is_unlabeled() {
+            return Err(Error::forbidden(format!(
+                "instance {id} has no label: it is a ghost until labelled (PATCH /v1/instances/{id} {{\"label\": …}})"
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }

@@ -1,12 +1,15 @@
 //! HTTP routes. Each handler extracts, authorizes, calls the store once and shapes
 //! the response; the rules themselves live in concord-core and the store.
 
+pub(crate) mod dispatch;
 pub(crate) mod entities;
 pub(crate) mod events;
 pub(crate) mod instances;
 pub(crate) mod messages;
 pub(crate) mod state;
 pub(crate) mod system;
+pub mod table;
+pub(crate) mod tasks;
 pub(crate) mod tokens;
 
 use crate::AppState;
@@ -52,6 +55,23 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/messages", post(messages::send))
         .route("/v1/inbox", get(messages::inbox))
         .route("/v1/inbox/{id}/ack", post(messages::ack))
+        .route("/v1/tasks", post(tasks::enqueue).get(tasks::list))
+        .route("/v1/tasks/batch", post(tasks::enqueue_batch))
+        .route("/v1/tasks/claim", post(tasks::claim))
+        .route("/v1/tasks/complete", post(tasks::complete_batch))
+        .route("/v1/tasks/{id}", get(tasks::get))
+        .route("/v1/tasks/{id}/heartbeat", post(tasks::heartbeat))
+        .route("/v1/tasks/{id}/complete", post(tasks::complete))
+        .route("/v1/tasks/{id}/fail", post(tasks::fail))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/queues", get(tasks::queues))
+        .route("/v1/schedules", get(tasks::list_schedules))
+        .route(
+            "/v1/schedules/{name}",
+            axum::routing::put(tasks::put_schedule).delete(tasks::delete_schedule),
+        )
+        .route("/v1/dispatch", post(dispatch::create))
+        .route("/v1/dispatch/{id}", get(dispatch::get))
         .route("/v1/status", get(system::status))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))

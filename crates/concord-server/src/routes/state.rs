@@ -1,3 +1,4 @@
+use super::instances::deny_ghost;
 use crate::error::ApiResult;
 use crate::extract::{Caller, Json, Query};
 use crate::AppState;
@@ -77,6 +78,7 @@ pub(crate) async fn put(
             instance: None,
         },
     )?;
+    deny_ghost(&s, &p).await?;
     let entry = s
         .store
         .put_state(StateWrite {
@@ -117,6 +119,7 @@ pub(crate) async fn delete(
             instance: None,
         },
     )?;
+    deny_ghost(&s, &p).await?;
     let deleted = s
         .store
         .delete_state(StateDelete {

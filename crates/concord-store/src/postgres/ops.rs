@@ -636,6 +636,22 @@ pub(crate) async fn authenticate<C: GenericClient>(c: &C, hash: &str) -> R<Optio
 pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Registration> {
     let req = &n.request;
     ensure_entity(t, &req.entity).await?;
+    if let Some(limit) = n.max_live_per_entity {
+        // The entity lock serializes registrations of one entity, so the count holds.
+        lock_entity(t, &req.entity).await?;
+        let live: i64 = get(
+            &row_one(
+                &t.c,
+                "SELECT count(*) FROM instances WHERE entity = $1 AND state = 'live'",
+                &[&req.entity],
+            )
+            .await?,
+            0,
+        )?;
+        if live >= i64::from(limit) {
+            return Err(too_many_instances(&req.entity, limit).into());
+        }
+    }
     if req.role == Role::Primary {
         lock_entity(t, &req.entity).await?;
         let (epoch, holder) = live_primary(t, &req.entity).await?;
@@ -1437,5 +1453,6 @@ pub(crate) async fn last_event_seq<C: GenericClient>(c: &C) -> R<i64> {
     get(&row_one(c, LAST_SEQ_SQL, &[]).await?, 0)
 }
 
+mod dispatch;
 mod events;
 mod queue;

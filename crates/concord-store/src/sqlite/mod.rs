@@ -1,6 +1,7 @@
 //! The embedded backend: one SQLite file in WAL mode, a group-commit writer thread
 //! ([`writer`]) and a small pool of read connections.
 
+mod dispatch;
 mod events;
 mod ops;
 mod queue;
@@ -49,6 +50,15 @@ pub(crate) fn db_err(e: rusqlite::Error) -> Error {
     }
 }
 
+/// Settings for every connection: enough cached statements for every query the
+/// store runs (the default of 16 made hot statements re-parse), a 32 MiB page
+/// cache and memory-mapped reads, so hot pages are not copied in by `pread`.
+fn tune(conn: &Connection) -> Result<()> {
+    conn.set_prepared_statement_cache_capacity(256);
+    conn.execute_batch("PRAGMA cache_size = -32000; PRAGMA mmap_size = 268435456;")
+        .map_err(db_err)
+}
+
 /// Read connections, reused. Why a std Mutex: it is held only to push or pop a
 /// connection, never across an await or a query.
 struct ReadPool {
@@ -70,6 +80,7 @@ impl ReadPool {
         .map_err(db_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db_err)?;
+        tune(&conn)?;
         Ok(conn)
     }
 
@@ -121,6 +132,7 @@ impl SqliteStore {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY;"
         ))
         .map_err(db_err)?;
+        tune(&conn)?;
         schema::migrate(&mut conn)?;
         let last = ops::last_event_seq(&conn)?;
         let (events_tx, events) = tokio::sync::watch::channel(last);

@@ -371,6 +371,15 @@ pub(crate) fn authenticate(c: &Connection, hash: &str) -> Result<Option<Principa
 pub(crate) fn register_instance(c: &Connection, now: i64, n: &NewInstance) -> Result<Registration> {
     let req = &n.request;
     ensure_entity(c, now, &req.entity)?;
+    if let Some(limit) = n.max_live_per_entity {
+        let live: i64 = c
+            .prepare_cached("SELECT count(*) FROM instances WHERE entity = ?1 AND state = 'live'")
+            .and_then(|mut s| s.query_row([&req.entity], |r| r.get(0)))
+            .map_err(db_err)?;
+        if live >= i64::from(limit) {
+            return Err(too_many_instances(&req.entity, limit));
+        }
+    }
     if req.role == Role::Primary {
         let (epoch, holder) = live_primary(c, now, &req.entity)?;
         if let Some(h) = holder {

@@ -59,7 +59,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<(Task, Option<String>)> {
     ))
 }
 
-fn load(c: &Connection, id: &str) -> Result<Option<(Task, Option<String>)>> {
+pub(crate) fn load(c: &Connection, id: &str) -> Result<Option<(Task, Option<String>)>> {
     c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))
         .and_then(|mut s| s.query_row([id], task_from_row).optional())
         .map_err(db_err)
@@ -104,7 +104,7 @@ fn event(
 }
 
 /// Sets a task to a final failure state and cancels everything that depends on it.
-fn finish_unsuccessfully(
+pub(crate) fn finish_unsuccessfully(
     c: &Connection,
     now: i64,
     id: &str,
@@ -205,7 +205,7 @@ pub(crate) fn release_claims(c: &Connection, now: i64, instance: &str) -> Result
     Ok(())
 }
 
-fn enqueue(
+pub(crate) fn enqueue(
     c: &Connection,
     now: i64,
     tasks: &[NewTask],
@@ -316,26 +316,30 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>>
         .filter(|i| i.state == InstanceState::Live && i.lease_until.millis() >= now)
         .ok_or_else(|| Error::unknown_instance(&spec.instance))?;
     let caps = serde_json::to_string(&inst.capabilities).unwrap_or_else(|_| "[]".into());
-    let queues = serde_json::to_string(&spec.queues).unwrap_or_else(|_| "[]".into());
+    // One placeholder per queue (not json_each), so the planner walks the partial
+    // index of claimable tasks instead of scanning the table.
+    let placeholders: Vec<String> = (0..spec.queues.len())
+        .map(|i| format!("?{}", i + 5))
+        .collect();
+    let sql = format!(
+        "SELECT t.id, t.timeout_ms FROM tasks t INDEXED BY tasks_claimable \
+         WHERE t.queue IN ({}) AND t.state IN ('pending', 'scheduled', 'failed') AND t.not_before <= ?1 \
+         AND (t.target IS NULL OR t.target = ?2) \
+         AND (t.requires = '[]' OR NOT EXISTS (SELECT 1 FROM json_each(t.requires) r \
+              WHERE r.value NOT IN (SELECT value FROM json_each(?3)))) \
+         AND (t.deps = 0 OR NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t2 ON t2.id = d.dep \
+              WHERE d.task = t.id AND t2.state != 'completed')) \
+         ORDER BY t.priority DESC, t.rowid LIMIT ?4",
+        placeholders.join(", ")
+    );
     let candidates: Vec<(String, Option<i64>)> = {
-        let mut s = c
-            .prepare_cached(
-                "SELECT t.id, t.timeout_ms FROM tasks t \
-                 WHERE t.queue IN (SELECT value FROM json_each(?1)) \
-                 AND t.state IN ('pending', 'scheduled', 'failed') AND t.not_before <= ?2 \
-                 AND (t.target IS NULL OR t.target = ?3) \
-                 AND (t.requires = '[]' OR NOT EXISTS (SELECT 1 FROM json_each(t.requires) r \
-                      WHERE r.value NOT IN (SELECT value FROM json_each(?4)))) \
-                 AND (t.deps = 0 OR NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t2 ON t2.id = d.dep \
-                      WHERE d.task = t.id AND t2.state != 'completed')) \
-                 ORDER BY t.priority DESC, t.rowid LIMIT ?5",
-            )
-            .map_err(db_err)?;
+        let mut s = c.prepare_cached(&sql).map_err(db_err)?;
+        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&now, &spec.instance, &caps, &spec.max];
+        for q in &spec.queues {
+            args.push(q);
+        }
         let rows = s
-            .query_map(
-                params![queues, now, spec.instance, caps, spec.max as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_map(args.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
     };
@@ -585,7 +589,8 @@ fn requeue_lapsed(c: &Connection, now: i64, limit: usize) -> Result<usize> {
     }
     let promoted = c
         .execute(
-            "UPDATE tasks SET state = 'pending', updated_at = ?1 WHERE state IN ('scheduled', 'failed') AND not_before <= ?1",
+            "UPDATE tasks SET state = 'pending', updated_at = ?1 WHERE id IN (SELECT id FROM tasks INDEXED BY tasks_waiting \
+             WHERE state IN ('scheduled', 'failed') AND not_before <= ?1)",
             [now],
         )
         .map_err(db_err)?;

@@ -147,6 +147,7 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_claimable ON tasks(queue, priority DESC) WHERE state IN ('pending', 'scheduled', 'failed');
 CREATE INDEX tasks_running_lease ON tasks(lease_until) WHERE state = 'running';
+CREATE INDEX tasks_waiting ON tasks(not_before) WHERE state IN ('scheduled', 'failed');
 CREATE INDEX tasks_claimed_by ON tasks(claimed_by) WHERE state = 'running';
 CREATE INDEX tasks_queue_state ON tasks(queue, state);
 CREATE INDEX tasks_finished ON tasks(completed_at) WHERE completed_at IS NOT NULL;
@@ -170,6 +171,30 @@ CREATE TABLE schedules (
     next_due         INTEGER NOT NULL,
     last_enqueued_at INTEGER,
     created_at       INTEGER NOT NULL
+);
+"#,
+    ),
+    (
+        5,
+        r#"
+CREATE TABLE dispatches (
+    id          TEXT PRIMARY KEY,
+    command     TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    result      TEXT,
+    outcome     TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    deadline    INTEGER NOT NULL,
+    finished_at INTEGER
+);
+CREATE INDEX dispatches_running ON dispatches(deadline) WHERE state = 'running';
+CREATE TABLE dispatch_peers (
+    dispatch TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    task     TEXT NOT NULL,
+    added_at INTEGER NOT NULL,
+    PRIMARY KEY (dispatch, instance)
 );
 "#,
     ),

@@ -189,6 +189,7 @@ pub fn new_instance(request: RegisterInstanceRequest, ttl_ms: i64) -> NewInstanc
         ttl_ms,
         owner: "hub-a".into(),
         registered_by: "tok_registrar".into(),
+        max_live_per_entity: None,
     }
 }
 

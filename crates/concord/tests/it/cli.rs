@@ -55,3 +55,46 @@ async fn cli_tokens_state_and_listings() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
 }
+
+/// Benchmarks are not tests; this only keeps every suite and baseline compiling
+/// and running (a baseline whose server is missing skips with a reason).
+#[tokio::test]
+async fn bench_suites_smoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let md = dir.path().join("b.md");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "bench",
+            "all",
+            "--duration",
+            "1",
+            "--instances",
+            "50",
+            "--concurrency",
+            "4",
+            "--markdown",
+        ])
+        .arg(&md)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for suite in [
+        "heartbeat",
+        "queue ",
+        "queue-batch-100",
+        "events",
+        "dispatch-multi-10",
+        "http-ceiling",
+    ] {
+        assert!(text.contains(suite), "no {suite} line in:\n{text}");
+    }
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(report.contains("Budget (DESIGN §10)"));
+    assert!(md.with_extension("svg").exists());
+}

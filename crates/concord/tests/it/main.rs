@@ -2,11 +2,16 @@
 
 mod harness;
 
+mod authz;
 mod bad_input;
+mod chaos;
 mod cli;
 mod crash;
+mod dispatch;
 mod events;
 mod failover;
+mod limits;
 mod primaries;
+mod queue;
 mod replicas;
 mod tokens;

@@ -50,7 +50,7 @@ fn task_from_row(r: &Row) -> R<(Task, Option<String>)> {
     ))
 }
 
-async fn load<C: GenericClient>(c: &C, id: &str) -> R<Option<(Task, Option<String>)>> {
+pub(crate) async fn load<C: GenericClient>(c: &C, id: &str) -> R<Option<(Task, Option<String>)>> {
     row_opt(
         c,
         &format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1"),
@@ -104,7 +104,12 @@ fn event(t: &mut Tx<'_>, topic: &'static str, source: &EventSource, tasks: &[&Ta
 
 /// Sets a task to a final failure state and cancels everything that depends on it
 /// (iteratively: a chain of dependents is walked breadth-first).
-async fn finish_unsuccessfully(t: &mut Tx<'_>, id: &str, state: TaskState, error: &str) -> R<()> {
+pub(crate) async fn finish_unsuccessfully(
+    t: &mut Tx<'_>,
+    id: &str,
+    state: TaskState,
+    error: &str,
+) -> R<()> {
     let mut work = vec![(id.to_string(), state, error.to_string())];
     let mut first = true;
     while let Some((id, state, error)) = work.pop() {
@@ -216,7 +221,11 @@ async fn by_key(t: &Tx<'_>, key: &str) -> R<Option<String>> {
 /// committed first, and is seen dead here, or waits for this transaction and
 /// then finds the new dependent when it cancels its dependents. Without the lock
 /// the dependent could slip in unseen and wait forever on a dead task.
-async fn enqueue(t: &mut Tx<'_>, tasks: &[NewTask], source: &EventSource) -> R<Vec<(Task, bool)>> {
+pub(crate) async fn enqueue(
+    t: &mut Tx<'_>,
+    tasks: &[NewTask],
+    source: &EventSource,
+) -> R<Vec<(Task, bool)>> {
     let mut out = Vec::with_capacity(tasks.len());
     let mut created: Vec<Task> = Vec::new();
     for nt in tasks {
