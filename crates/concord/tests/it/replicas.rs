@@ -5,7 +5,7 @@
 
 use crate::harness::*;
 use concord_client::{Client, StreamItem};
-use concord_core::api::{Event, Role};
+use concord_core::api::{CompleteItem, EnqueueRequest, Event, Role};
 use concord_core::ErrorCode;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -789,5 +789,104 @@ async fn a_replica_started_without_the_admin_token_says_where_it_is() {
         .log()
         .contains("admin token: from CONCORD_ADMIN_TOKEN"));
     c.hubs[third].admin().status().await.unwrap();
+    c.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimers_on_two_replicas_complete_each_task_once() {
+    let Some(c) = Cluster::start(
+        "replicas::claimers_on_two_replicas_complete_each_task_once",
+        2,
+    ) else {
+        return;
+    };
+    const TASKS: usize = 2_000;
+    const CLAIMERS: usize = 16;
+    let hubs = [c.admin(0), c.admin(1)];
+    for chunk in 0..TASKS / 500 {
+        let batch = (0..500)
+            .map(|i| EnqueueRequest {
+                queue: "drain".into(),
+                payload: json!({"n": chunk * 500 + i}),
+                priority: (i % 3) as i32,
+                ..Default::default()
+            })
+            .collect();
+        hubs[chunk % 2].enqueue_batch(batch).await.unwrap();
+    }
+    let mut workers = Vec::new();
+    for i in 0..CLAIMERS {
+        let (r, w) = register(
+            &hubs[i % 2],
+            reg("drainers", Role::Secondary, Some(&format!("drainer {i}"))),
+        )
+        .await;
+        workers.push((r.instance.id, w));
+    }
+    let completions: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let barrier = Arc::new(tokio::sync::Barrier::new(CLAIMERS));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (me, w))| {
+            let (completions, barrier) = (completions.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let max = 1 + (i % 4) as u32;
+                loop {
+                    let got = w.claim(&["drain"], max, None, 0).await.unwrap();
+                    if got.is_empty() {
+                        return;
+                    }
+                    let items = got
+                        .iter()
+                        .map(|t| CompleteItem {
+                            id: t.task.id.clone(),
+                            claim: t.claim.clone(),
+                            result: json!({"by": me}),
+                        })
+                        .collect();
+                    let outcomes = w.complete_batch(items).await.unwrap();
+                    let mut done = completions.lock().unwrap();
+                    for o in outcomes {
+                        // A refusal would mean another live claim on the task.
+                        assert_eq!(o.ok, Some(true), "{me} could not complete {}: {o:?}", o.id);
+                        *done.entry(o.id).or_default() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = t0.elapsed();
+    let done = completions.lock().unwrap().clone();
+    assert_eq!(done.len(), TASKS, "every task completed");
+    assert!(done.values().all(|&n| n == 1), "each exactly once");
+    for hub in &hubs {
+        let q = hub
+            .queues()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|q| q.name == "drain")
+            .unwrap();
+        assert_eq!((q.completed, q.pending, q.running), (TASKS as u64, 0, 0));
+    }
+    // The log agrees: one completion event per task.
+    let mut announced = BTreeMap::<String, usize>::new();
+    for e in all_events(&hubs[1], "sys.task.completed").await {
+        for t in e.data["tasks"].as_array().unwrap() {
+            *announced
+                .entry(t["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(announced, done);
+    eprintln!(
+        "{TASKS} tasks drained by {CLAIMERS} claimers over two replicas in {took:?}, each completed once"
+    );
     c.finish().await;
 }
