@@ -1384,8 +1384,8 @@ pub async fn drain_race(stores: Vec<DynStore>, n: usize, claimers: usize) {
     }
     finished.store(true, Ordering::Relaxed);
     let sweeps = reaper.await.unwrap();
-    let claims = claims.lock().unwrap();
-    let completions = completions.lock().unwrap();
+    let claims = claims.lock().unwrap().clone();
+    let completions = completions.lock().unwrap().clone();
     assert_eq!(claims.len(), n, "every task was claimed");
     let twice: Vec<_> = claims.iter().filter(|(_, c)| c.len() > 1).collect();
     assert!(twice.is_empty(), "claimed more than once: {twice:?}");

@@ -539,14 +539,13 @@ async fn a_replica_killed_with_kill_9_loses_nothing_acknowledged() {
     );
     let hb = ps.heartbeat(&p.instance.id).await.unwrap();
     assert_eq!((hb.role, hb.fence), (Role::Primary, Some(fence)));
-    let errors = errors.lock().unwrap();
+    let failed = errors.lock().unwrap().len();
     eprintln!(
         "kill -9 of replica A: {} registrations and {} state writes acknowledged \
-         ({} before the kill), 0 lost; {} writes failed in flight",
+         ({} before the kill), 0 lost; {failed} writes failed in flight",
         regs.len(),
         states.len(),
         at_kill.0 + at_kill.1,
-        errors.len()
     );
     c.finish().await;
 }
