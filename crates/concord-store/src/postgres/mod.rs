@@ -637,12 +637,14 @@ impl Store for PostgresStore {
     async fn heartbeat(&self, instance: &str, owner: &str) -> Result<DurableHeartbeat> {
         // The common case: one statement for this and the durable heartbeats
         // that arrive with it, outside any explicit transaction.
-        let (reply, answer) = oneshot::channel();
-        self.beats
-            .send((instance.to_string(), owner.to_string(), reply))
-            .await
-            .map_err(|_| Error::unavailable("the store is shutting down"))?;
+        // The wait for room in the queue is bounded too: with the database gone,
+        // batches wait out their own bound and the queue fills up.
         let fast = timed(async {
+            let (reply, answer) = oneshot::channel();
+            self.beats
+                .send((instance.to_string(), owner.to_string(), reply))
+                .await
+                .map_err(|_| Error::unavailable("the store is shutting down"))?;
             answer
                 .await
                 .map_err(|_| Error::unavailable("the heartbeat batch was abandoned"))?
