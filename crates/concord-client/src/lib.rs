@@ -78,7 +78,8 @@ impl Client {
         &self.urls
     }
 
-    /// Sends a request, failing over to the next hub on connection errors.
+    /// Sends a request, failing over to the next hub when one cannot be reached
+    /// (see [`Client::call_timeout`]).
     pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -89,6 +90,15 @@ impl Client {
             .await
     }
 
+    /// Sends a request to the hub that answered last, then to the others in
+    /// turn when a hub cannot be reached.
+    ///
+    /// Which failures move on to the next hub depends on whether the request may
+    /// have been carried out: a refused connection never reached a hub, so any
+    /// request moves on; a connection that broke after the request went out (a
+    /// hub killed mid-request, a pooled keep-alive connection to a hub that has
+    /// died) may have been served, so only idempotent methods (GET, PUT, DELETE)
+    /// move on, and a POST answers `unavailable` for its caller to decide.
     pub async fn call_timeout<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -98,7 +108,11 @@ impl Client {
     ) -> Result<T> {
         let n = self.urls.len();
         let start = self.current.load(Ordering::Relaxed);
-        let mut last_err = None;
+        let idempotent = matches!(
+            method,
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+        );
+        let mut tried = Vec::new();
         for k in 0..n {
             let idx = (start + k) % n;
             let url = format!("{}{}", self.urls[idx], path);
@@ -114,16 +128,25 @@ impl Client {
                     self.current.store(idx, Ordering::Relaxed);
                     return decode(resp).await;
                 }
-                Err(e) if e.is_connect() || (e.is_timeout() && method == Method::GET) => {
-                    last_err = Some(format!("{url}: {e}"));
+                Err(e) if e.is_connect() || idempotent => {
+                    tried.push(format!("{url}: {}", error_chain(&e)));
                     continue;
                 }
-                Err(e) => return Err(Error::unavailable(format!("hub unreachable: {url}: {e}"))),
+                Err(e) => {
+                    return Err(Error::unavailable(format!(
+                    "hub unreachable: {url}: {} (the request may or may not have been carried out)",
+                    error_chain(&e)
+                )))
+                }
             }
         }
         Err(Error::unavailable(format!(
             "hub unreachable: {}",
-            last_err.unwrap_or_else(|| "no hub answered".into())
+            if tried.is_empty() {
+                "no hub answered".to_string()
+            } else {
+                tried.join("; ")
+            }
         )))
     }
 
@@ -371,7 +394,7 @@ impl Client {
                         .await
                         .and(Err(Error::internal("stream refused")))
                 }
-                Err(e) => last_err = format!("{url}: {e}"),
+                Err(e) => last_err = format!("{url}: {}", error_chain(&e)),
             }
         }
         Err(Error::unavailable(format!("hub unreachable: {last_err}")))
@@ -412,6 +435,19 @@ impl Client {
     pub async fn healthz(&self) -> Result<Value> {
         self.get("/healthz").await
     }
+}
+
+/// An error with its causes: reqwest's own message ("error sending request")
+/// does not say whether the connection was refused, reset or timed out.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {

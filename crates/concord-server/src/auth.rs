@@ -3,18 +3,25 @@
 //! Heartbeats are the hot path and must not cost a database round trip, so a
 //! resolved token is cached. Revocation on this replica drops the entry at once;
 //! other replicas drop it when they read the `sys.token.revoked` event from the log
-//! (see `tail.rs`), and every entry also ages out after `CACHE_TTL` as a backstop.
+//! (see `tail.rs`), and every entry also ages out after [`CACHE_TTL`] as a backstop.
 //! A std `RwLock`: held for a map lookup only, never across an await.
 
+use crate::metrics::Metrics;
 use concord_core::authz::Principal;
 use concord_core::token::hash_secret;
 use concord_core::{Error, Result};
 use concord_store::DynStore;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-const CACHE_TTL: Duration = Duration::from_secs(5);
+/// How long a resolved token is trusted without asking the store again. Longer
+/// than the heartbeat interval (TTL/3, 5 s by default) by design: with a shorter
+/// cache nearly every heartbeat would cost a token lookup, a database round trip
+/// on PostgreSQL, on the hot path. Revocations do not wait for it: they reach
+/// every replica through the log within milliseconds; this is the backstop.
+const CACHE_TTL: Duration = Duration::from_secs(60);
 const CACHE_MAX: usize = 100_000;
 
 #[derive(Default)]
@@ -23,7 +30,12 @@ pub struct AuthCache {
 }
 
 impl AuthCache {
-    pub async fn authenticate(&self, store: &DynStore, secret: &str) -> Result<Principal> {
+    pub async fn authenticate(
+        &self,
+        store: &DynStore,
+        metrics: &Metrics,
+        secret: &str,
+    ) -> Result<Principal> {
         let hash = hash_secret(secret);
         if let Ok(map) = self.by_hash.read() {
             if let Some((p, at)) = map.get(&hash) {
@@ -32,6 +44,7 @@ impl AuthCache {
                 }
             }
         }
+        metrics.token_lookups.fetch_add(1, Ordering::Relaxed);
         let principal = store
             .authenticate(&hash)
             .await?
@@ -43,6 +56,18 @@ impl AuthCache {
             map.insert(hash, (principal.clone(), Instant::now()));
         }
         Ok(principal)
+    }
+
+    /// Caches a token this hub just created and so knows already (an instance's
+    /// session token at registration): its first use, typically the instance's
+    /// first heartbeat, then needs no lookup either.
+    pub fn remember(&self, secret_hash: String, principal: Principal) {
+        if let Ok(mut map) = self.by_hash.write() {
+            if map.len() >= CACHE_MAX {
+                map.clear();
+            }
+            map.insert(secret_hash, (principal, Instant::now()));
+        }
     }
 
     /// Forgets a token (revoked) or every token of an instance (closed).

@@ -164,7 +164,10 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     "missing bearer token (Authorization: Bearer <token>)",
                 ))
             })?;
-        let principal = state.auth.authenticate(&state.store, secret).await?;
+        let principal = state
+            .auth
+            .authenticate(&state.store, &state.metrics, secret)
+            .await?;
         state.limits.check(&principal.token_id)?;
         Ok(Caller(principal))
     }

@@ -11,6 +11,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     pub heartbeats_memory: AtomicU64,
     pub heartbeats_durable: AtomicU64,
+    /// Bearer tokens resolved by the store (the auth cache did not have them).
+    pub token_lookups: AtomicU64,
     pub instances_expired: AtomicU64,
     pub panics: AtomicU64,
 }
@@ -45,6 +47,11 @@ impl Metrics {
                 "concord_heartbeats_durable_total",
                 "Heartbeats that wrote the durable lease.",
                 &self.heartbeats_durable,
+            ),
+            (
+                "concord_token_lookups_total",
+                "Bearer tokens resolved by the store (not in the auth cache).",
+                &self.token_lookups,
             ),
             (
                 "concord_instances_expired_total",

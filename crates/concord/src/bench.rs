@@ -92,6 +92,31 @@ pub struct Report {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// The first error of each kind (code and message), so that a run with
+    /// errors says what they were.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub error_kinds: Vec<String>,
+    /// Heartbeat suite: the store round trips the hub made during the measured
+    /// window (from its /metrics), durable lease writes and token lookups the
+    /// auth cache could not answer. Every other heartbeat was answered from memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable_writes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_lookups: Option<u64>,
+}
+
+/// The hub's counters that tell how many heartbeats reached the store.
+async fn store_counters(url: &str) -> Result<(u64, u64)> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    let counter = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    Ok((
+        counter("concord_heartbeats_durable_total "),
+        counter("concord_token_lookups_total "),
+    ))
 }
 
 /// A hub started in-process on a temp dir, stopped when dropped.
@@ -101,6 +126,27 @@ struct Embedded {
     backend: &'static str,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// On PostgreSQL: the database and the schema made for this run.
+    pg: Option<(String, String)>,
+}
+
+impl Embedded {
+    /// Stops the hub and removes what the run left in the database.
+    async fn finish(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(served) = self.served.take() {
+            let _ = served.await;
+        }
+        if let Some((url, schema)) = self.pg.take() {
+            concord_store::postgres::drop_schema(&url, &schema)
+                .await
+                .map_err(|e| anyhow!("cannot drop the bench schema {schema}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Embedded {
@@ -116,14 +162,17 @@ async fn embedded(
     durability: crate::serve::DurabilityArg,
 ) -> Result<Embedded> {
     let dir = tempfile::tempdir()?;
-    let store: DynStore = match database {
-        Some(url) => Arc::new(
-            concord_store::postgres::PostgresStore::connect(
-                url,
-                Some(&format!("bench_{}", std::process::id())),
-            )
-            .await
-            .map_err(|e| anyhow!("{e}"))?,
+    // A schema per suite run: each run starts from an empty store.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let pg = database.map(|url| {
+        let n = RUNS.fetch_add(1, Ordering::Relaxed);
+        (url.to_string(), format!("bench_{}_{n}", std::process::id()))
+    });
+    let store: DynStore = match &pg {
+        Some((url, schema)) => Arc::new(
+            concord_store::postgres::PostgresStore::connect(url, Some(schema))
+                .await
+                .map_err(|e| anyhow!("{e}"))?,
         ),
         None => Arc::new(
             concord_store::sqlite::SqliteStore::open(
@@ -156,7 +205,7 @@ async fn embedded(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(hub.serve(listener, async move {
+    let served = tokio::spawn(hub.serve(listener, async move {
         let _ = rx.await;
     }));
     Ok(Embedded {
@@ -165,6 +214,8 @@ async fn embedded(
         backend,
         _dir: dir,
         stop: Some(stop),
+        served: Some(served),
+        pg,
     })
 }
 
@@ -230,12 +281,21 @@ fn print_report(args: &BenchArgs, r: &Report) -> Result<()> {
             r.suite, format!("{} {}", r.system, r.backend), r.throughput_per_s, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms,
             r.operations, r.errors
         );
+        if let (Some(d), Some(t)) = (r.durable_writes, r.token_lookups) {
+            println!(
+                "{:<16} store round trips: {d} durable lease writes, {t} token lookups",
+                ""
+            );
+        }
+        for k in &r.error_kinds {
+            println!("{:<16} error: {k}", "");
+        }
     }
     Ok(())
 }
 
 async fn concord_suite(args: &BenchArgs, suite: Suite) -> Result<Report> {
-    let (_guard, url, admin, backend) = match &args.hub {
+    let (guard, url, admin, backend) = match &args.hub {
         Some(url) => {
             let token = args
                 .token
@@ -249,15 +309,23 @@ async fn concord_suite(args: &BenchArgs, suite: Suite) -> Result<Report> {
             (Some(e), u, a, b)
         }
     };
-    let client = Client::new(vec![url], Some(admin)).map_err(|e| anyhow!("{e}"))?;
-    let mut r = match suite {
-        Suite::Heartbeat => heartbeat(&client, args, backend).await?,
-        Suite::Queue => queue(&client, args, backend, 1).await?,
-        Suite::QueueBatch => queue(&client, args, backend, 100).await?,
-        Suite::Events => events(&client, args).await?,
-        Suite::Dispatch => dispatch(&client, args).await?,
-        Suite::All => return Err(anyhow!("`all` is not one suite")),
-    };
+    let r = async {
+        let client = Client::new(vec![url.clone()], Some(admin)).map_err(|e| anyhow!("{e}"))?;
+        match suite {
+            Suite::Heartbeat => heartbeat(&client, &url, args, backend).await,
+            Suite::Queue => queue(&client, args, backend, 1).await,
+            Suite::QueueBatch => queue(&client, args, backend, 100).await,
+            Suite::Events => events(&client, args).await,
+            Suite::Dispatch => dispatch(&client, args).await,
+            Suite::All => Err(anyhow!("`all` is not one suite")),
+        }
+    }
+    .await;
+    // Clean up (the PostgreSQL schema of the run) whether or not it succeeded.
+    if let Some(g) = guard {
+        g.finish().await?;
+    }
+    let mut r = r?;
     r.backend = backend.into();
     r.system = "concord".into();
     Ok(r)
@@ -473,11 +541,50 @@ pub fn new_histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
-async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Report> {
+/// The instances' TTL (DESIGN §4 default): they heartbeat every TTL/3.
+const BENCH_TTL_S: u64 = 15;
+
+async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -> Result<Report> {
     let n = args.instances.max(1);
     eprintln!("registering {n} instances…");
-    // Register with bounded parallelism.
-    let mut sessions: Vec<(String, Client)> = Vec::with_capacity(n);
+    let started = Instant::now();
+    // Registered instances, with when each last heartbeated. On a busy machine
+    // registering 10,000 can take longer than their TTL: the keeper heartbeats
+    // them meanwhile, every TTL/3 like a real instance, so that none expires
+    // before the measurement begins.
+    let registered: Arc<std::sync::Mutex<Vec<(String, Client, Instant)>>> =
+        Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let keeping = Arc::new(AtomicBool::new(true));
+    let keeper = {
+        let (registered, keeping) = (registered.clone(), keeping.clone());
+        tokio::spawn(async move {
+            while keeping.load(Ordering::Relaxed) {
+                let due: Vec<(String, Client)> = {
+                    let mut all = registered.lock().unwrap_or_else(|p| p.into_inner());
+                    all.iter_mut()
+                        .filter(|(_, _, last)| {
+                            last.elapsed() > Duration::from_secs(BENCH_TTL_S / 3)
+                        })
+                        .take(256)
+                        .map(|(id, c, last)| {
+                            *last = Instant::now();
+                            (id.clone(), c.clone())
+                        })
+                        .collect()
+                };
+                if due.is_empty() {
+                    // Pacing: nothing is due for a while.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                let mut set = tokio::task::JoinSet::new();
+                for (id, c) in due {
+                    set.spawn(async move { c.heartbeat(&id).await });
+                }
+                while set.join_next().await.is_some() {}
+            }
+        })
+    };
     let chunk = 64;
     let entities = (n / 10).max(1);
     for start in (0..n).step_by(chunk) {
@@ -489,7 +596,7 @@ async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Re
                     entity: format!("bench-{}", i % entities),
                     role: Default::default(),
                     label: Some(format!("bench {i}")),
-                    ttl_ms: Some(15_000),
+                    ttl_ms: Some(BENCH_TTL_S as i64 * 1000),
                     capabilities: vec![],
                     endpoint: None,
                     host: None,
@@ -503,9 +610,22 @@ async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Re
         }
         while let Some(r) = set.join_next().await {
             let reg = r?.map_err(|e| anyhow!("register: {e}"))?;
-            sessions.push((reg.instance.id, admin.with_token(reg.session_token)));
+            let session = admin.with_token(reg.session_token);
+            registered.lock().unwrap_or_else(|p| p.into_inner()).push((
+                reg.instance.id,
+                session,
+                Instant::now(),
+            ));
         }
     }
+    keeping.store(false, Ordering::Relaxed);
+    keeper.await?;
+    eprintln!("registered in {:.1} s", started.elapsed().as_secs_f64());
+    let sessions: Vec<(String, Client)> =
+        std::mem::take(&mut *registered.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .map(|(id, c, _)| (id, c))
+            .collect();
     let sessions = Arc::new(sessions);
     let warmup = Duration::from_secs(1);
     let measure = Duration::from_secs(args.duration.max(1));
@@ -519,6 +639,7 @@ async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Re
         workers.push(tokio::spawn(async move {
             let mut hist = new_histogram();
             let mut errors = 0u64;
+            let mut kinds: Vec<String> = Vec::new();
             let mut k = w;
             while !done.load(Ordering::Relaxed) {
                 let (id, c) = &sessions[k % sessions.len()];
@@ -530,26 +651,40 @@ async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Re
                         Ok(_) => {
                             let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
                         }
-                        Err(_) => errors += 1,
+                        Err(e) => {
+                            errors += 1;
+                            let kind = format!("{}: {}", e.code.as_str(), e.message);
+                            if kinds.len() < 5 && !kinds.contains(&kind) {
+                                kinds.push(kind);
+                            }
+                        }
                     }
                 }
             }
-            (hist, errors)
+            (hist, errors, kinds)
         }));
     }
     tokio::time::sleep(warmup).await;
+    let before = store_counters(url).await?;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(measure).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
+    let after = store_counters(url).await?;
     done.store(true, Ordering::Relaxed);
     let mut hist = new_histogram();
     let mut errors = 0;
+    let mut error_kinds: Vec<String> = Vec::new();
     for w in workers {
-        let (h, e) = w.await?;
+        let (h, e, kinds) = w.await?;
         hist.add(&h).map_err(|e| anyhow!("{e}"))?;
         errors += e;
+        for k in kinds {
+            if error_kinds.len() < 5 && !error_kinds.contains(&k) {
+                error_kinds.push(k);
+            }
+        }
     }
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
@@ -566,6 +701,9 @@ async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Re
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),
         max_ms: hist.max() as f64 / 1000.0,
+        error_kinds,
+        durable_writes: Some(after.0.saturating_sub(before.0)),
+        token_lookups: Some(after.1.saturating_sub(before.1)),
     })
 }
 
@@ -691,6 +829,9 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),
         max_ms: hist.max() as f64 / 1000.0,
+        error_kinds: Vec::new(),
+        durable_writes: None,
+        token_lookups: None,
     })
 }
 
@@ -795,6 +936,9 @@ impl Report {
             p95_ms: ms(0.95),
             p99_ms: ms(0.99),
             max_ms: hist.max() as f64 / 1000.0,
+            error_kinds: Vec::new(),
+            durable_writes: None,
+            token_lookups: None,
         }
     }
 

@@ -28,14 +28,21 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7717", env = "CONCORD_LISTEN")]
     pub listen: SocketAddr,
-    /// Data directory (SQLite file, admin token, lock). Default: $CONCORD_DATA_DIR or ~/.local/share/concord.
+    /// Data directory (SQLite file, admin token, lock). With --database it holds only
+    /// this replica's files (admin token, address, lock): give each replica its own.
+    /// Default: $CONCORD_DATA_DIR or ~/.local/share/concord.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "full")]
     pub durability: DurabilityArg,
     /// PostgreSQL URL (several hub replicas on one database). Without it: embedded SQLite.
-    #[arg(long, env = "CONCORD_DATABASE_URL")]
+    #[arg(long, env = "CONCORD_DATABASE_URL", hide_env_values = true)]
     pub database: Option<String>,
+    /// PostgreSQL schema for the hub's tables (created if missing), so that several
+    /// clusters or test runs can share one database. Default: the connection's
+    /// search_path (normally `public`).
+    #[arg(long, env = "CONCORD_DATABASE_SCHEMA", requires = "database")]
+    pub database_schema: Option<String>,
     /// Per-token request rate limit per second (0 = off).
     #[arg(long, default_value_t = 5000)]
     pub rate_limit: u32,
@@ -139,7 +146,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let store: DynStore = match &args.database {
         Some(url) => Arc::new(
-            concord_store::postgres::PostgresStore::connect(url, None)
+            concord_store::postgres::PostgresStore::connect(url, args.database_schema.as_deref())
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .context("cannot open the PostgreSQL store")?,
@@ -157,33 +164,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             )
         }
     };
-
-    let token_file = dir.join("admin.token");
-    match std::env::var("CONCORD_ADMIN_TOKEN") {
-        Ok(secret) if !secret.trim().is_empty() => {
-            store
-                .bootstrap_admin(&hash_secret(secret.trim()), false)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            eprintln!("admin token: from CONCORD_ADMIN_TOKEN");
-        }
-        _ => {
-            let secret = generate_secret();
-            if store
-                .bootstrap_admin(&hash_secret(&secret), true)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-            {
-                write_secret_file(&token_file, &secret)?;
-                eprintln!(
-                    "admin token: created and written to {} (mode 0600)",
-                    token_file.display()
-                );
-            } else {
-                eprintln!("admin token: existing ({})", token_file.display());
-            }
-        }
-    }
+    admin_token(&store, &dir, args.database.is_some()).await?;
 
     let config = HubConfig {
         rate_limit_per_s: args.rate_limit,
@@ -207,16 +188,90 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
     std::fs::write(dir.join("hub.url"), format!("{url}\n"))?;
+    let backend = match &args.database_schema {
+        Some(schema) => format!("{}, schema {schema}", store.backend()),
+        None => store.backend().to_string(),
+    };
     eprintln!(
-        "concord {} listening on {url} (store: {}, data dir: {}, started in {} ms)",
+        "concord {} listening on {url} (store: {backend}, data dir: {}, started in {} ms)",
         env!("CARGO_PKG_VERSION"),
-        store.backend(),
         dir.display(),
         started.elapsed().as_millis()
     );
     hub.serve(listener, shutdown_signal()).await?;
     let _ = std::fs::remove_file(dir.join("hub.url"));
     eprintln!("concord stopped");
+    Ok(())
+}
+
+/// Makes sure the store has an admin token and says where to find it.
+///
+/// `CONCORD_ADMIN_TOKEN` installs that token (every replica of a cluster is given
+/// the same one). Without it, the first hub on an empty store creates one and
+/// writes it to `<data dir>/admin.token`. A later replica on the same database
+/// has its own data dir and so no such file: it cannot read the secret back (the
+/// store keeps only its hash), so it says plainly where the token is.
+async fn admin_token(store: &DynStore, dir: &Path, clustered: bool) -> Result<()> {
+    let token_file = dir.join("admin.token");
+    if let Ok(secret) = std::env::var("CONCORD_ADMIN_TOKEN") {
+        if !secret.trim().is_empty() {
+            store
+                .bootstrap_admin(&hash_secret(secret.trim()), false)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            eprintln!("admin token: from CONCORD_ADMIN_TOKEN");
+            return Ok(());
+        }
+    }
+    let secret = generate_secret();
+    if store
+        .bootstrap_admin(&hash_secret(&secret), true)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+    {
+        write_secret_file(&token_file, &secret)?;
+        eprintln!(
+            "admin token: created and written to {} (mode 0600)",
+            token_file.display()
+        );
+        return Ok(());
+    }
+    let ours = std::fs::read_to_string(&token_file)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let valid = match &ours {
+        Some(t) => matches!(
+            store.authenticate(&hash_secret(t)).await,
+            Ok(Some(p)) if p.kind == concord_core::token::TokenKind::Admin
+        ),
+        None => false,
+    };
+    if valid {
+        eprintln!("admin token: existing ({})", token_file.display());
+        return Ok(());
+    }
+    let here = match ours {
+        Some(_) => format!(
+            "{} is not an admin token of this store",
+            token_file.display()
+        ),
+        None => format!("there is no {}", token_file.display()),
+    };
+    if clustered {
+        eprintln!(
+            "admin token: this database already has one, created by the first hub that \
+             started on it and written to that hub's <data dir>/admin.token; {here}. \
+             Give every replica that token with CONCORD_ADMIN_TOKEN (and the CLI with \
+             CONCORD_TOKEN), or copy that file to {}. The hub runs meanwhile.",
+            token_file.display()
+        );
+    } else {
+        eprintln!(
+            "admin token: the store already has one but {here}. Use an admin token you \
+             kept, or restart with CONCORD_ADMIN_TOKEN set to a new secret to add one."
+        );
+    }
     Ok(())
 }
 

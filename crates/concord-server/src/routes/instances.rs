@@ -9,7 +9,7 @@ use concord_core::api::{
     PatchInstanceRequest, RegisterInstanceRequest, Registered, Role,
 };
 use concord_core::authz::{authorize, Action, Principal, Target};
-use concord_core::token::{generate_secret, hash_secret};
+use concord_core::token::{generate_secret, hash_secret, TokenKind};
 use concord_core::{ids, validate, Error};
 use concord_store::{InstanceFilter, NewInstance};
 use serde::Deserialize;
@@ -34,14 +34,16 @@ pub(crate) async fn register(
         },
     )?;
     let secret = generate_secret();
+    let session_token_id = ids::new_id(ids::TOKEN);
+    let session_hash = hash_secret(&secret);
     let reg = s
         .store
         .register_instance(NewInstance {
             id: ids::new_id(ids::INSTANCE),
             request: req,
             ttl_ms,
-            session_token_id: ids::new_id(ids::TOKEN),
-            session_secret_hash: hash_secret(&secret),
+            session_token_id: session_token_id.clone(),
+            session_secret_hash: session_hash.clone(),
             owner: s.config.hub_id.clone(),
             registered_by: p.token_id.clone(),
             max_live_per_entity: s.config.max_instances_per_entity,
@@ -49,6 +51,15 @@ pub(crate) async fn register(
         .await?;
     s.presence
         .registered(&reg.instance, reg.epoch, reg.fence.is_some(), s.now_ms());
+    s.auth.remember(
+        session_hash,
+        Principal {
+            token_id: session_token_id,
+            kind: TokenKind::Session,
+            entity: Some(reg.instance.entity.clone()),
+            instance: Some(reg.instance.id.clone()),
+        },
+    );
     Ok((
         StatusCode::CREATED,
         axum::Json(Registered {

@@ -38,7 +38,7 @@ use futures::StreamExt;
 use ops::{Fail, Tx, TxFuture};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::NoTls;
 
 /// Connections per replica unless the caller asks otherwise.
@@ -61,6 +61,11 @@ pub const NOTIFY_CHANNEL: &str = "concord_events";
 const LISTENER_POLL: Duration = Duration::from_secs(5);
 /// Longest pause between two attempts of the listener to reconnect.
 const LISTENER_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Most durable heartbeats written by one statement.
+const HEARTBEAT_BATCH: usize = 256;
+/// Heartbeat batches in flight at once. While they are, new durable heartbeats
+/// queue up and go out together in the next batch.
+const HEARTBEAT_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Maps a tokio-postgres error to the project's error. Losing the database (refused
 /// or broken connection, server shutting down, too many connections) is
@@ -232,7 +237,7 @@ impl Inner {
 }
 
 /// Bounds an operation by [`OP_TIMEOUT`].
-async fn timed<T>(op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+pub(crate) async fn timed<T>(op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::time::timeout(OP_TIMEOUT, op)
         .await
         .unwrap_or_else(|_| {
@@ -260,8 +265,72 @@ fn raise(w: &watch::Sender<i64>, seq: i64) {
 pub struct PostgresStore {
     inner: Arc<Inner>,
     events: watch::Receiver<i64>,
+    /// Durable heartbeats on their way to [`heartbeat_batcher`]; dropped with the
+    /// store, which ends the batcher.
+    beats: mpsc::Sender<BeatJob>,
     /// Dropped with the store: tells the listener task to stop.
     _shutdown: watch::Sender<()>,
+}
+
+/// One durable heartbeat waiting for its batch: instance, lease owner, and where
+/// to send the outcome (`None`: not live and unlapsed, take the locked path).
+type BeatJob = (
+    String,
+    String,
+    oneshot::Sender<Result<Option<DurableHeartbeat>>>,
+);
+
+/// Writes durable heartbeats in batches (DESIGN §2: heartbeats are the hot path).
+/// Each instance writes its lease ahead about twice per TTL, so a fleet of 10,000
+/// with the default TTL sends well over a thousand a second; one statement and
+/// one commit for all that arrive together, instead of one each, keeps them from
+/// queuing for pooled connections and from costing the database a commit each.
+async fn heartbeat_batcher(inner: Arc<Inner>, mut jobs: mpsc::Receiver<BeatJob>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(HEARTBEAT_BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = jobs.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < HEARTBEAT_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let ids: Vec<String> = batch.iter().map(|j| j.0.clone()).collect();
+            let owners: Vec<String> = batch.iter().map(|j| j.1.clone()).collect();
+            let mut attempt = 0;
+            let written = loop {
+                attempt += 1;
+                let outcome = timed(async {
+                    let c = inner.client().await?;
+                    Ok(ops::heartbeat_batch(&c, &ids, &owners).await)
+                })
+                .await;
+                match outcome {
+                    Ok(Err(Fail::Retry(msg))) if attempt < MAX_ATTEMPTS => {
+                        tracing::debug!(attempt, "heartbeat batch raced another, retrying: {msg}");
+                    }
+                    Ok(r) => break r.map_err(Error::from),
+                    Err(e) => break Err(e),
+                }
+            };
+            for (id, _, reply) in batch {
+                // A caller that went away no longer wants its answer.
+                let _ = reply.send(match &written {
+                    Ok(map) => Ok(map.get(&id).cloned()),
+                    Err(e) => Err(e.clone()),
+                });
+            }
+        });
+    }
 }
 
 /// Runs one write operation through [`Inner::write`], cloning its owned
@@ -362,13 +431,17 @@ impl PostgresStore {
         let (shutdown, shutdown_rx) = watch::channel(());
         tokio::spawn(notifier(pool.clone(), key.clone(), notify_rx));
         tokio::spawn(listener(cfg, key, events_tx.clone(), shutdown_rx));
+        let inner = Arc::new(Inner {
+            pool,
+            events: events_tx,
+            to_notify,
+        });
+        let (beats, beat_jobs) = mpsc::channel(HEARTBEAT_BATCH * HEARTBEAT_BATCHES_IN_FLIGHT * 4);
+        tokio::spawn(heartbeat_batcher(inner.clone(), beat_jobs));
         Ok(PostgresStore {
-            inner: Arc::new(Inner {
-                pool,
-                events: events_tx,
-                to_notify,
-            }),
+            inner,
             events,
+            beats,
             _shutdown: shutdown,
         })
     }
@@ -562,13 +635,21 @@ impl Store for PostgresStore {
     }
 
     async fn heartbeat(&self, instance: &str, owner: &str) -> Result<DurableHeartbeat> {
-        // The common case is one statement outside any explicit transaction.
-        let fast = {
-            let c = self.inner.client().await?;
-            ops::heartbeat_fast(&c, instance, owner)
+        // The common case: one statement for this and the durable heartbeats
+        // that arrive with it, outside any explicit transaction.
+        // The wait for room in the queue is bounded too: with the database gone,
+        // batches wait out their own bound and the queue fills up.
+        let fast = timed(async {
+            let (reply, answer) = oneshot::channel();
+            self.beats
+                .send((instance.to_string(), owner.to_string(), reply))
                 .await
-                .map_err(Error::from)?
-        };
+                .map_err(|_| Error::unavailable("the store is shutting down"))?;
+            answer
+                .await
+                .map_err(|_| Error::unavailable("the heartbeat batch was abandoned"))?
+        })
+        .await?;
         if let Some(hb) = fast {
             return Ok(hb);
         }
@@ -678,4 +759,22 @@ impl Store for PostgresStore {
     fn watch_events(&self) -> watch::Receiver<i64> {
         self.events.clone()
     }
+}
+
+/// Drops `schema` and everything in it: for benchmarks and tests that made a
+/// schema of their own with [`PostgresStore::connect`].
+pub async fn drop_schema(url: &str, schema: &str) -> Result<()> {
+    check_schema(schema)?;
+    let cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::bad_field("database_url", format!("{e}")))?;
+    let (client, connection) = cfg.connect(NoTls).await.map_err(|e| pg_err(&e))?;
+    let driver = tokio::spawn(connection);
+    let out = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .map_err(|e| pg_err(&e));
+    drop(client);
+    let _ = driver.await;
+    out
 }

@@ -3,7 +3,7 @@
 //! for atomicity, these lock rows first, in the order given in the module docs of
 //! [`super`]; each write function's doc says which locks it takes.
 
-use super::{is_retryable, pg_err, pool_err};
+use super::{is_retryable, pg_err, pool_err, timed};
 use crate::model::{topics, *};
 use concord_core::api::{
     EntityDetail, EntitySummary, Event, EventSource, Ghost, Instance, InstanceState,
@@ -297,6 +297,24 @@ async fn lock_instance(t: &Tx<'_>, id: &str) -> R<Option<Instance>> {
             "SELECT ",
             instance_cols!(),
             " FROM instances WHERE id = $1 FOR UPDATE"
+        ),
+        &[&id],
+    )
+    .await?
+    .map(|r| instance_from_row(&r))
+    .transpose()
+}
+
+/// The instance with its row locked `FOR KEY SHARE`: it cannot end (expiry and
+/// close lock it `FOR UPDATE`) before this transaction commits, yet heartbeats
+/// (plain updates of non-key columns) and other claims by it go on in parallel.
+async fn share_instance(t: &Tx<'_>, id: &str) -> R<Option<Instance>> {
+    row_opt(
+        &t.c,
+        concat!(
+            "SELECT ",
+            instance_cols!(),
+            " FROM instances WHERE id = $1 FOR KEY SHARE"
         ),
         &[&id],
     )
@@ -736,43 +754,53 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
     })
 }
 
-/// The common heartbeat: one statement, no explicit transaction, no entity lock
-/// (all of an entity's instances heartbeat; they must not queue on its row).
-/// Extends the lease of a live instance whose lease has not lapsed, by the same
-/// rule as `presence::write_ahead` (now + 1.5 × TTL, with the database's now),
-/// and reads its entity's epoch in the same statement. `None` when the instance
-/// is not live and unlapsed: the caller then takes the locked path
-/// ([`heartbeat`]), which records the ghost.
-pub(crate) async fn heartbeat_fast<C: GenericClient>(
+/// The common heartbeat, for every durable heartbeat that arrived together:
+/// one statement, no explicit transaction, no entity lock (all of an entity's
+/// instances heartbeat; they must not queue on its row), so they share one
+/// round trip and one commit (the group commit the SQLite writer gets from its
+/// single thread). Extends the lease of each live instance whose lease has not
+/// lapsed, by the same rule as `presence::write_ahead` (now + 1.5 × TTL, with
+/// the database's now), and reads its entity's epoch in the same statement. The
+/// rows are locked in id order, so two batches never deadlock on each other.
+/// Returns the heartbeats written, by instance id; an id missing from the
+/// answer is not live and unlapsed, and takes the locked path ([`heartbeat`]),
+/// which records the ghost.
+pub(crate) async fn heartbeat_batch<C: GenericClient>(
     c: &C,
-    id: &str,
-    owner: &str,
-) -> R<Option<DurableHeartbeat>> {
-    let Some(r) = row_opt(
+    ids: &[String],
+    owners: &[String],
+) -> R<std::collections::HashMap<String, DurableHeartbeat>> {
+    let rs = rows(
         c,
         concat!(
             "WITH clock AS (SELECT ",
             now_expr!(),
-            " AS now), u AS (UPDATE instances i SET last_seen_at = clock.now, lease_until = clock.now + (i.ttl_ms * 3) / 2, lease_owner = $2 \
-             FROM clock WHERE i.id = $1 AND i.state = 'live' AND i.lease_until >= clock.now RETURNING ",
+            " AS now), input AS (SELECT DISTINCT ON (x.iid) x.iid, x.owner FROM unnest($1::text[], $2::text[]) AS x(iid, owner) ORDER BY x.iid), \
+             locked AS (SELECT i.id AS lid FROM instances i JOIN input ON input.iid = i.id ORDER BY i.id FOR NO KEY UPDATE OF i), \
+             u AS (UPDATE instances i SET last_seen_at = clock.now, lease_until = clock.now + (i.ttl_ms * 3) / 2, lease_owner = input.owner \
+             FROM clock, input, locked WHERE i.id = input.iid AND locked.lid = i.id AND i.state = 'live' AND i.lease_until >= clock.now RETURNING ",
             instance_cols!(),
             ") SELECT u.*, e.epoch, e.primary_instance FROM u LEFT JOIN entities e ON e.name = u.entity"
         ),
-        &[&id, &owner],
+        &[&ids, &owners],
     )
-    .await?
-    else {
-        return Ok(None);
-    };
-    let inst = instance_at(&r, 0)?;
-    let epoch = get::<Option<i64>>(&r, INSTANCE_NCOLS)?.unwrap_or(0) as u64;
-    let primary: Option<String> = get(&r, INSTANCE_NCOLS + 1)?;
-    let fence = (primary.as_deref() == Some(id)).then_some(epoch);
-    Ok(Some(DurableHeartbeat {
-        instance: inst,
-        epoch,
-        fence,
-    }))
+    .await?;
+    let mut out = std::collections::HashMap::with_capacity(rs.len());
+    for r in rs {
+        let inst = instance_at(&r, 0)?;
+        let epoch = get::<Option<i64>>(&r, INSTANCE_NCOLS)?.unwrap_or(0) as u64;
+        let primary: Option<String> = get(&r, INSTANCE_NCOLS + 1)?;
+        let fence = (primary.as_deref() == Some(inst.id.as_str())).then_some(epoch);
+        out.insert(
+            inst.id.clone(),
+            DurableHeartbeat {
+                instance: inst,
+                epoch,
+                fence,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// The heartbeat of an instance that is not (or no longer) live: locks its entity

@@ -144,23 +144,17 @@ pub(crate) fn finish_unsuccessfully(
     Ok(())
 }
 
-/// A running task whose claim was lost (lease lapsed, claimer ended).
+/// A running task whose claim was lost (lease lapsed, claimer ended). The event
+/// carries the state the task is left in, as every other task event does.
 fn lose_claim(c: &Connection, now: i64, t: &Task, reason: &str) -> Result<()> {
-    match after_lost_claim(t.attempt, t.max_attempts) {
+    let (topic, why) = match after_lost_claim(t.attempt, t.max_attempts) {
         TaskState::Dead => {
             let why = format!(
                 "{reason}; out of attempts ({}/{})",
                 t.attempt, t.max_attempts
             );
             finish_unsuccessfully(c, now, &t.id, TaskState::Dead, &why)?;
-            event(
-                c,
-                now,
-                topics::TASK_DEAD,
-                &hub(),
-                &[t],
-                json!({"reason": why}),
-            )?;
+            (topics::TASK_DEAD, why)
         }
         _ => {
             c.prepare_cached(
@@ -169,16 +163,18 @@ fn lose_claim(c: &Connection, now: i64, t: &Task, reason: &str) -> Result<()> {
             )
             .and_then(|mut s| s.execute(params![t.id, reason, now]))
             .map_err(db_err)?;
-            event(
-                c,
-                now,
-                topics::TASK_REQUEUED,
-                &hub(),
-                &[t],
-                json!({"reason": reason}),
-            )?;
+            (topics::TASK_REQUEUED, reason.to_string())
         }
-    }
+    };
+    let (after, _) = load(c, &t.id)?.ok_or_else(|| not_found(&t.id))?;
+    event(
+        c,
+        now,
+        topic,
+        &hub(),
+        &[&after],
+        json!({"reason": why, "claimed_by": t.claimed_by}),
+    )?;
     Ok(())
 }
 
@@ -299,6 +295,18 @@ pub(crate) fn enqueue(
     if !created.is_empty() {
         let refs: Vec<&Task> = created.iter().collect();
         event(c, now, topics::TASK_ENQUEUED, source, &refs, json!({}))?;
+    }
+    // Enqueued behind a dependency that had already died: cancelled at birth,
+    // and said so like any other cancellation.
+    for t in created.iter().filter(|t| t.state == TaskState::Cancelled) {
+        event(
+            c,
+            now,
+            topics::TASK_CANCELLED,
+            &hub(),
+            &[t],
+            json!({"reason": t.error}),
+        )?;
     }
     Ok(out)
 }

@@ -15,6 +15,7 @@ mod instances;
 mod messages;
 mod pg_only;
 mod primaries;
+mod queue;
 mod races;
 mod state;
 mod tokens;

@@ -329,3 +329,26 @@ async fn survives_the_database_going_away_and_coming_back() {
     proxy.stop().await;
     drop_schema(&url, &schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claimers_on_two_replicas_never_share_a_task() {
+    let Some((url, schema, a, b)) =
+        replicas("pg_only::claimers_on_two_replicas_never_share_a_task").await
+    else {
+        return;
+    };
+    crate::queue::drain_race(vec![a, b], 2_000, 16).await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_racing_the_claimers_end_across_two_replicas() {
+    let Some((url, schema, a, b)) =
+        replicas("pg_only::claims_racing_the_claimers_end_across_two_replicas").await
+    else {
+        return;
+    };
+    crate::queue::end_race(vec![a.clone(), b.clone()]).await;
+    crate::queue::dependency_race(vec![a, b]).await;
+    drop_schema(&url, &schema).await;
+}

@@ -245,8 +245,11 @@ impl EventStore for PostgresStore {
     }
 
     async fn event_floor(&self) -> Result<i64> {
-        let c = self.inner.client().await?;
-        event_floor(&c).await.map_err(Error::from)
+        timed(async {
+            let c = self.inner.client().await?;
+            event_floor(&c).await.map_err(Error::from)
+        })
+        .await
     }
 
     async fn prune(&self, max_age_ms: i64, max_count: i64, inbox_retention_ms: i64) -> Result<u64> {
@@ -273,10 +276,13 @@ impl EventStore for PostgresStore {
         limit: usize,
         unacked_only: bool,
     ) -> Result<Vec<InboxMessage>> {
-        let c = self.inner.client().await?;
-        read_inbox(&c, instance, after, limit, unacked_only)
-            .await
-            .map_err(Error::from)
+        timed(async {
+            let c = self.inner.client().await?;
+            read_inbox(&c, instance, after, limit, unacked_only)
+                .await
+                .map_err(Error::from)
+        })
+        .await
     }
 
     async fn ack_message(&self, instance: &str, message: &str) -> Result<bool> {

@@ -151,21 +151,17 @@ pub(crate) async fn finish_unsuccessfully(
     Ok(())
 }
 
+/// A running task whose claim was lost (lease lapsed, claimer ended). The event
+/// carries the state the task is left in, as every other task event does.
 async fn lose_claim(t: &mut Tx<'_>, task: &Task, reason: &str) -> R<()> {
-    match after_lost_claim(task.attempt, task.max_attempts) {
+    let (topic, why) = match after_lost_claim(task.attempt, task.max_attempts) {
         TaskState::Dead => {
             let why = format!(
                 "{reason}; out of attempts ({}/{})",
                 task.attempt, task.max_attempts
             );
             finish_unsuccessfully(t, &task.id, TaskState::Dead, &why).await?;
-            event(
-                t,
-                topics::TASK_DEAD,
-                &hub_source(),
-                &[task],
-                json!({"reason": why}),
-            );
+            (topics::TASK_DEAD, why)
         }
         _ => {
             exec(
@@ -175,15 +171,19 @@ async fn lose_claim(t: &mut Tx<'_>, task: &Task, reason: &str) -> R<()> {
                 &[&task.id, &reason, &t.now],
             )
             .await?;
-            event(
-                t,
-                topics::TASK_REQUEUED,
-                &hub_source(),
-                &[task],
-                json!({"reason": reason}),
-            );
+            (topics::TASK_REQUEUED, reason.to_string())
         }
-    }
+    };
+    let (after, _) = load(&t.c, &task.id)
+        .await?
+        .ok_or_else(|| not_found(&task.id))?;
+    event(
+        t,
+        topic,
+        &hub_source(),
+        &[&after],
+        json!({"reason": why, "claimed_by": task.claimed_by}),
+    );
     Ok(())
 }
 
@@ -204,6 +204,23 @@ pub(crate) async fn release_claims(t: &mut Tx<'_>, instance: &str) -> R<()> {
     Ok(())
 }
 
+/// The id of the task enqueued earlier under this idempotency key, if any.
+async fn by_key(t: &Tx<'_>, key: &str) -> R<Option<String>> {
+    row_opt(
+        &t.c,
+        "SELECT id FROM tasks WHERE idempotency_key = $1",
+        &[&key],
+    )
+    .await?
+    .map(|r| get(&r, 0))
+    .transpose()
+}
+
+/// Locks each dependency `FOR KEY SHARE` before reading its state: a dependency
+/// that dies concurrently (failed, cancelled, lost on its last attempt) either
+/// committed first, and is seen dead here, or waits for this transaction and
+/// then finds the new dependent when it cancels its dependents. Without the lock
+/// the dependent could slip in unseen and wait forever on a dead task.
 pub(crate) async fn enqueue(
     t: &mut Tx<'_>,
     tasks: &[NewTask],
@@ -212,13 +229,27 @@ pub(crate) async fn enqueue(
     let mut out = Vec::with_capacity(tasks.len());
     let mut created: Vec<Task> = Vec::new();
     for nt in tasks {
+        // A repeat is answered before anything else is checked (as SQLite does):
+        // its dependencies may have been pruned since the first enqueue.
+        if let Some(key) = &nt.idempotency_key {
+            if let Some(existing) = by_key(t, key).await? {
+                let (task, _) = load(&t.c, &existing)
+                    .await?
+                    .ok_or_else(|| not_found(&existing))?;
+                out.push((task, true));
+                continue;
+            }
+        }
         let mut dead_dep = None;
         for (i, d) in nt.depends_on.iter().enumerate() {
-            let state: Option<String> =
-                row_opt(&t.c, "SELECT state FROM tasks WHERE id = $1", &[d])
-                    .await?
-                    .map(|r| get(&r, 0))
-                    .transpose()?;
+            let state: Option<String> = row_opt(
+                &t.c,
+                "SELECT state FROM tasks WHERE id = $1 FOR KEY SHARE",
+                &[d],
+            )
+            .await?
+            .map(|r| get(&r, 0))
+            .transpose()?;
             match state.as_deref().and_then(TaskState::parse) {
                 None => {
                     return Err(Fail::Done(Error::bad_field(
@@ -265,15 +296,13 @@ pub(crate) async fn enqueue(
         )
         .await?;
         if inserted == 0 {
-            let existing: String = get(
-                &row_one(
-                    &t.c,
-                    "SELECT id FROM tasks WHERE idempotency_key = $1",
-                    &[&nt.idempotency_key],
-                )
-                .await?,
-                0,
-            )?;
+            let key = nt.idempotency_key.as_deref().unwrap_or_default();
+            let existing = by_key(t, key).await?.ok_or_else(|| {
+                Fail::Done(Error::internal(format!(
+                    "task {} conflicted on idempotency key {key:?} that no task holds",
+                    nt.id
+                )))
+            })?;
             let (task, _) = load(&t.c, &existing)
                 .await?
                 .ok_or_else(|| not_found(&existing))?;
@@ -300,11 +329,28 @@ pub(crate) async fn enqueue(
         let refs: Vec<&Task> = created.iter().collect();
         event(t, topics::TASK_ENQUEUED, source, &refs, json!({}));
     }
+    // Enqueued behind a dependency that had already died: cancelled at birth,
+    // and said so like any other cancellation.
+    for task in created.iter().filter(|x| x.state == TaskState::Cancelled) {
+        event(
+            t,
+            topics::TASK_CANCELLED,
+            &hub_source(),
+            &[task],
+            json!({"reason": task.error}),
+        );
+    }
     Ok(out)
 }
 
+/// Holds the claimer's row `FOR KEY SHARE` until COMMIT: an expiry or close of the
+/// claimer (which locks the row `FOR UPDATE`, then returns the claimer's running
+/// tasks) either ends it first, and the claim is refused, or waits for the claim
+/// and then finds and releases the tasks it took. Without the lock a claim
+/// racing the claimer's end would leave tasks held by an ended instance until
+/// their leases ran out.
 async fn claim(t: &mut Tx<'_>, spec: &ClaimSpec) -> R<Vec<ClaimedTask>> {
-    let inst = get_instance(&t.c, &spec.instance)
+    let inst = share_instance(t, &spec.instance)
         .await?
         .filter(|i| i.state == InstanceState::Live && i.lease_until.millis() >= t.now)
         .ok_or_else(|| Fail::Done(Error::unknown_instance(&spec.instance)))?;
@@ -625,64 +671,73 @@ impl QueueStore for PostgresStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Option<Task>> {
-        let c = self.inner.client().await?;
-        Ok(load(&c, id).await.map_err(Error::from)?.map(|t| t.0))
+        timed(async {
+            let c = self.inner.client().await?;
+            Ok(load(&c, id).await.map_err(Error::from)?.map(|t| t.0))
+        })
+        .await
     }
 
     async fn list_tasks(&self, f: TaskFilter) -> Result<Vec<Task>> {
-        let c = self.inner.client().await?;
-        let state = f.state.map(TaskState::as_str);
-        let rs = rows(
-            &c,
-            &format!(
-                "SELECT {TASK_COLS} FROM tasks WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR state = $2) \
-                 AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
-            ),
-            &[&f.queue, &state, &f.after, &limit_param(f.limit)],
-        )
+        timed(async {
+            let c = self.inner.client().await?;
+            let state = f.state.map(TaskState::as_str);
+            let rs = rows(
+                &c,
+                &format!(
+                    "SELECT {TASK_COLS} FROM tasks WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR state = $2) \
+                     AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
+                ),
+                &[&f.queue, &state, &f.after, &limit_param(f.limit)],
+            )
+            .await
+            .map_err(Error::from)?;
+            rs.iter()
+                .map(|r| task_from_row(r).map(|t| t.0).map_err(Error::from))
+                .collect()
+        })
         .await
-        .map_err(Error::from)?;
-        rs.iter()
-            .map(|r| task_from_row(r).map(|t| t.0).map_err(Error::from))
-            .collect()
     }
 
     async fn queue_stats(&self) -> Result<Vec<QueueStats>> {
-        let c = self.inner.client().await?;
-        let now = now_ms(&c).await.map_err(Error::from)?;
-        let rs = rows(
-            &c,
-            "SELECT queue, state, count(*), MIN(CASE WHEN state = 'pending' THEN created_at END) \
-             FROM tasks GROUP BY queue, state ORDER BY queue",
-            &[],
-        )
-        .await
-        .map_err(Error::from)?;
-        let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
-        for r in rs {
-            let queue: String = get(&r, 0).map_err(Error::from)?;
-            let state: String = get(&r, 1).map_err(Error::from)?;
-            let n = get::<i64>(&r, 2).map_err(Error::from)? as u64;
-            let oldest: Option<i64> = get(&r, 3).map_err(Error::from)?;
-            let q = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats {
-                name: queue,
-                ..Default::default()
-            });
-            match TaskState::parse(&state) {
-                Some(TaskState::Pending) => {
-                    q.pending = n;
-                    q.oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
+        timed(async {
+            let c = self.inner.client().await?;
+            let now = now_ms(&c).await.map_err(Error::from)?;
+            let rs = rows(
+                &c,
+                "SELECT queue, state, count(*), MIN(CASE WHEN state = 'pending' THEN created_at END) \
+                 FROM tasks GROUP BY queue, state ORDER BY queue",
+                &[],
+            )
+            .await
+            .map_err(Error::from)?;
+            let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
+            for r in rs {
+                let queue: String = get(&r, 0).map_err(Error::from)?;
+                let state: String = get(&r, 1).map_err(Error::from)?;
+                let n = get::<i64>(&r, 2).map_err(Error::from)? as u64;
+                let oldest: Option<i64> = get(&r, 3).map_err(Error::from)?;
+                let q = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats {
+                    name: queue,
+                    ..Default::default()
+                });
+                match TaskState::parse(&state) {
+                    Some(TaskState::Pending) => {
+                        q.pending = n;
+                        q.oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
+                    }
+                    Some(TaskState::Scheduled) => q.scheduled = n,
+                    Some(TaskState::Running) => q.running = n,
+                    Some(TaskState::Completed) => q.completed = n,
+                    Some(TaskState::Failed) => q.failed = n,
+                    Some(TaskState::Dead) => q.dead = n,
+                    Some(TaskState::Cancelled) => q.cancelled = n,
+                    None => {}
                 }
-                Some(TaskState::Scheduled) => q.scheduled = n,
-                Some(TaskState::Running) => q.running = n,
-                Some(TaskState::Completed) => q.completed = n,
-                Some(TaskState::Failed) => q.failed = n,
-                Some(TaskState::Dead) => q.dead = n,
-                Some(TaskState::Cancelled) => q.cancelled = n,
-                None => {}
             }
-        }
-        Ok(by_queue.into_values().collect())
+            Ok(by_queue.into_values().collect())
+        })
+        .await
     }
 
     async fn requeue_lapsed(&self, limit: usize) -> Result<usize> {
@@ -709,34 +764,40 @@ impl QueueStore for PostgresStore {
     }
 
     async fn list_schedules(&self) -> Result<Vec<Schedule>> {
-        let c = self.inner.client().await?;
-        let rs = rows(
-            &c,
-            &format!("SELECT {SCHEDULE_COLS} FROM schedules ORDER BY name"),
-            &[],
-        )
+        timed(async {
+            let c = self.inner.client().await?;
+            let rs = rows(
+                &c,
+                &format!("SELECT {SCHEDULE_COLS} FROM schedules ORDER BY name"),
+                &[],
+            )
+            .await
+            .map_err(Error::from)?;
+            rs.iter()
+                .map(|r| schedule_from_row(r).map_err(Error::from))
+                .collect()
+        })
         .await
-        .map_err(Error::from)?;
-        rs.iter()
-            .map(|r| schedule_from_row(r).map_err(Error::from))
-            .collect()
     }
 
     async fn due_schedules(&self) -> Result<Vec<Schedule>> {
-        let c = self.inner.client().await?;
-        let now = now_ms(&c).await.map_err(Error::from)?;
-        let rs = rows(
-            &c,
-            &format!(
-                "SELECT {SCHEDULE_COLS} FROM schedules WHERE next_due <= $1 ORDER BY next_due"
-            ),
-            &[&now],
-        )
+        timed(async {
+            let c = self.inner.client().await?;
+            let now = now_ms(&c).await.map_err(Error::from)?;
+            let rs = rows(
+                &c,
+                &format!(
+                    "SELECT {SCHEDULE_COLS} FROM schedules WHERE next_due <= $1 ORDER BY next_due"
+                ),
+                &[&now],
+            )
+            .await
+            .map_err(Error::from)?;
+            rs.iter()
+                .map(|r| schedule_from_row(r).map_err(Error::from))
+                .collect()
+        })
         .await
-        .map_err(Error::from)?;
-        rs.iter()
-            .map(|r| schedule_from_row(r).map_err(Error::from))
-            .collect()
     }
 
     async fn fire_schedule(&self, name: &str, due: i64, next_due: i64) -> Result<Option<Task>> {
