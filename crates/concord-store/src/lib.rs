@@ -7,10 +7,12 @@
 //! that same transaction. Time for leases comes from the store's clock (the hub's for
 //! SQLite, the database's `now()` for PostgreSQL), so replicas never disagree.
 
+mod memory;
 mod model;
 pub mod postgres;
 pub mod sqlite;
 
+pub use memory::*;
 pub use model::*;
 
 use async_trait::async_trait;
@@ -26,7 +28,7 @@ use std::sync::Arc;
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
-pub trait Store: EventStore + Send + Sync + 'static {
+pub trait Store: EventStore + MemoryStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

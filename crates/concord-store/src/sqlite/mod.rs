@@ -2,6 +2,7 @@
 //! ([`writer`]) and a small pool of read connections.
 
 mod events;
+mod memory;
 mod ops;
 mod schema;
 mod writer;

@@ -12,6 +12,7 @@ mod harness;
 
 mod events;
 mod instances;
+mod memory;
 mod pg_only;
 mod primaries;
 mod races;
