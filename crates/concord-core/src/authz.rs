@@ -74,6 +74,14 @@ pub enum Action {
     EventRead,
     MessageSend,
     InboxRead,
+    MemoryWrite,
+    MemoryRead,
+    TrustRead,
+    TrustWrite,
+    CircleRead,
+    CircleWrite,
+    ForkRead,
+    ForkPromote,
 }
 
 use Grant::*;
@@ -103,6 +111,14 @@ impl Action {
         Action::EventRead,
         Action::MessageSend,
         Action::InboxRead,
+        Action::MemoryWrite,
+        Action::MemoryRead,
+        Action::TrustRead,
+        Action::TrustWrite,
+        Action::CircleRead,
+        Action::CircleWrite,
+        Action::ForkRead,
+        Action::ForkPromote,
     ];
 
     /// The table.
@@ -116,7 +132,18 @@ impl Action {
             | Action::GhostRead
             | Action::StateRead
             | Action::StatusRead
-            | Action::EventRead => READ_ALL,
+            | Action::EventRead
+            // Memory reads are filtered by visibility at the source, per memory.
+            | Action::MemoryRead
+            | Action::TrustRead
+            | Action::CircleRead
+            | Action::ForkRead => READ_ALL,
+            // Which space an instance may write is the store's call (fencing,
+            // liveness, labels), in the write's transaction.
+            Action::MemoryWrite => &[Admin, SessionAny],
+            Action::CircleWrite => &[Admin],
+            // The store checks that the session is the entity's live primary.
+            Action::TrustWrite | Action::ForkPromote => &[Admin, SessionOwnEntity],
             Action::EventPublish | Action::MessageSend => &[Admin, AgentAny, SessionAny],
             Action::InboxRead => &[SessionSelf],
             Action::InstanceUpdate | Action::InstanceClose => &[Admin, AgentOwnEntity, SessionSelf],

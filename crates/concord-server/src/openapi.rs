@@ -2,7 +2,7 @@
 //! Every operation also documents the error responses every route can give, in the
 //! project's one error shape, so a fuzzer can check responses against the schema.
 
-use crate::routes::{entities, events, instances, messages, state, system, tokens};
+use crate::routes::{entities, events, instances, memory, messages, state, system, tokens};
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
@@ -33,6 +33,9 @@ pub struct ErrorDetail {
         entities::list, entities::get, entities::campaign, entities::resign, entities::transfer, entities::route,
         state::list, state::get, state::put, state::delete,
         events::publish, events::read, events::stream, messages::send, messages::inbox, messages::ack,
+        memory::write, memory::write_batch, memory::get, memory::update, memory::forget, memory::search,
+        memory::put_trust, memory::get_trust, memory::put_circle, memory::list_circles,
+        memory::fork_diff, memory::promote,
         system::status, system::healthz, system::readyz, system::metrics, system::openapi,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
