@@ -6,6 +6,9 @@
 //! on `ErrorCode::Fenced` rather than on status numbers. A hub that cannot be
 //! reached at all is `ErrorCode::Unavailable` with a message saying so.
 
+mod memory;
+pub use memory::memory;
+
 use concord_core::api::*;
 use concord_core::{Error, ErrorCode, Result};
 use reqwest::Method;
@@ -25,7 +28,7 @@ pub struct Client {
     token: Option<String>,
 }
 
-fn pct(s: &str) -> String {
+pub(crate) fn pct(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -125,10 +128,10 @@ impl Client {
         )))
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call::<(), T>(Method::GET, path, None).await
     }
-    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+    pub(crate) async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,

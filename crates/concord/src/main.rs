@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod memory_cli;
 mod output;
 mod serve;
 
