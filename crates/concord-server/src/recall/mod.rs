@@ -187,6 +187,9 @@ pub struct RecallIndex {
     dir: Option<PathBuf>,
     requests: mpsc::UnboundedSender<Option<Waiter>>,
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Option<Waiter>>>>,
+    /// True once the first catch-up after start has run: searches wait for it,
+    /// so that a restarted hub never answers from a half-rebuilt index.
+    ready: watch::Sender<bool>,
 }
 
 fn meta_path(dir: &Path) -> PathBuf {
@@ -214,6 +217,7 @@ impl RecallIndex {
             dir: dir.map(Path::to_path_buf),
             requests,
             inbox: Mutex::new(Some(inbox)),
+            ready: watch::channel(false).0,
         })
     }
 
@@ -424,6 +428,7 @@ impl RecallIndex {
                 for w in waiters.drain(..) {
                     let _ = w.send(r.clone());
                 }
+                self.ready.send_replace(true);
             }
             run_now = true;
             tokio::select! {
@@ -464,6 +469,11 @@ impl RecallIndex {
         limit: usize,
         half_life_ms: Option<i64>,
     ) -> Result<Searched> {
+        let mut ready = self.ready.subscribe();
+        ready
+            .wait_for(|r| *r)
+            .await
+            .map_err(|_| Error::unavailable("the recall index has stopped"))?;
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             me.search_now(&filter, &query, vector.as_deref(), limit, half_life_ms)

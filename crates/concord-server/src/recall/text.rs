@@ -374,3 +374,24 @@ impl SegmentCollector for SeqSegment {
         self.out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_keeps_documents_and_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut t = TextIndex::open(Some(dir.path())).unwrap();
+            let mut doc = TantivyDocument::default();
+            doc.add_text(t.fields.text, "hello");
+            doc.add_i64(t.fields.seq, 1);
+            t.writer.add_document(doc).unwrap();
+            t.commit(7).unwrap();
+        }
+        let t = TextIndex::open(Some(dir.path())).unwrap();
+        assert_eq!(t.watermark(), 7);
+        assert_eq!(t.reader().searcher().num_docs(), 1);
+    }
+}
