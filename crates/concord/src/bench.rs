@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 pub enum Suite {
     /// Heartbeats from many live instances (DESIGN §10: ≥ 20,000/s, p99 < 5 ms for 10,000).
     Heartbeat,
+    /// Memory ingest with 384-d vectors through the batch endpoint (≥ 5,000/s).
+    Ingest,
+    /// Recall over `--memories` memories: full-text p99 < 10 ms, hybrid p99 < 20 ms,
+    /// recall@10 ≥ 0.95 against exact search.
+    Recall,
 }
 
 #[derive(Args)]
@@ -42,6 +47,12 @@ pub struct BenchArgs {
     /// Live instances (heartbeat suite).
     #[arg(long, default_value_t = 10_000)]
     instances: usize,
+    /// Memories to ingest (ingest and recall suites).
+    #[arg(long, default_value_t = 100_000)]
+    memories: usize,
+    /// Memories per batch call (ingest and recall suites).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
     /// Print one JSON object instead of lines.
     #[arg(long)]
     json: bool,
@@ -61,6 +72,9 @@ struct Report {
     p95_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Suite-specific figures (the memory suites).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    extra: serde_json::Value,
 }
 
 /// A hub started in-process on a temp dir, stopped when dropped.
@@ -68,6 +82,7 @@ struct Embedded {
     url: String,
     admin: String,
     backend: &'static str,
+    state: Arc<concord_server::AppState>,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -114,6 +129,7 @@ async fn embedded(database: Option<&str>) -> Result<Embedded> {
     )
     .await
     .map_err(|e| anyhow!("{e}"))?;
+    let state = hub.state();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, rx) = tokio::sync::oneshot::channel();
@@ -124,13 +140,14 @@ async fn embedded(database: Option<&str>) -> Result<Embedded> {
         url,
         admin,
         backend,
+        state,
         _dir: dir,
         stop: Some(stop),
     })
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
-    let (_guard, url, admin, backend) = match &args.hub {
+    let (guard, url, admin, backend) = match &args.hub {
         Some(url) => {
             let token = args
                 .token
@@ -147,6 +164,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let client = Client::new(vec![url], Some(admin)).map_err(|e| anyhow!("{e}"))?;
     let report = match args.suite {
         Suite::Heartbeat => heartbeat(&client, &args, backend).await?,
+        Suite::Ingest | Suite::Recall => {
+            let index = guard.as_ref().map(|g| g.state.memory.index.clone());
+            memory(&client, &args, backend, index).await?
+        }
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -157,6 +178,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             report.throughput_per_s, report.operations, report.errors,
             report.p50_ms, report.p95_ms, report.p99_ms, report.max_ms
         );
+        if !report.extra.is_null() {
+            println!("  {}", serde_json::to_string_pretty(&report.extra)?);
+        }
     }
     Ok(())
 }
@@ -259,5 +283,81 @@ async fn heartbeat(admin: &Client, args: &BenchArgs, backend: &str) -> Result<Re
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),
         max_ms: hist.max() as f64 / 1000.0,
+        extra: serde_json::Value::Null,
+    })
+}
+
+/// The ingest and recall suites (see `bench_memory`).
+async fn memory(
+    admin: &Client,
+    args: &BenchArgs,
+    backend: &str,
+    index: Option<Arc<concord_server::recall::RecallIndex>>,
+) -> Result<Report> {
+    use crate::bench_memory as bm;
+    let corpus = Arc::new(bm::Corpus::new());
+    let writers = bm::writers(admin, 8).await?;
+    eprintln!(
+        "ingesting {} memories ({}-d vectors) in batches of {}…",
+        args.memories,
+        bm::DIM,
+        args.batch
+    );
+    let ing = bm::ingest(
+        &writers,
+        corpus.clone(),
+        args.memories,
+        args.batch.max(1),
+        args.concurrency,
+    )
+    .await?;
+    let rate = ing.memories as f64 / ing.seconds;
+    let batch_q = bm::quantiles(ing.batch_latency_us.clone());
+    let q = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    if let Suite::Ingest = args.suite {
+        return Ok(Report {
+            suite: "ingest".into(),
+            backend: backend.into(),
+            instances: writers.len(),
+            concurrency: args.concurrency,
+            duration_s: ing.seconds,
+            operations: ing.memories as u64,
+            errors: ing.errors,
+            throughput_per_s: rate,
+            p50_ms: q(&batch_q, "p50_ms"),
+            p95_ms: q(&batch_q, "p95_ms"),
+            p99_ms: q(&batch_q, "p99_ms"),
+            max_ms: q(&batch_q, "max_ms"),
+            extra: serde_json::json!({"memories_per_s": rate, "batch": args.batch, "batch_latency": batch_q}),
+        });
+    }
+    eprintln!("ingested at {rate:.0}/s; measuring recall…");
+    let dur = Duration::from_secs(args.duration.max(1));
+    let r = bm::recall(&writers[0], index, corpus, dur, args.concurrency).await?;
+    let ft = bm::quantiles(r.fulltext_us.clone());
+    let hy = bm::quantiles(r.hybrid_us.clone());
+    Ok(Report {
+        suite: "recall".into(),
+        backend: backend.into(),
+        instances: writers.len(),
+        concurrency: args.concurrency,
+        duration_s: dur.as_secs_f64() * 2.0,
+        operations: (r.fulltext_us.len() + r.hybrid_us.len()) as u64,
+        errors: 0,
+        throughput_per_s: r.fulltext_us.len() as f64 / dur.as_secs_f64(),
+        p50_ms: q(&ft, "p50_ms"),
+        p95_ms: q(&ft, "p95_ms"),
+        p99_ms: q(&ft, "p99_ms"),
+        max_ms: q(&ft, "max_ms"),
+        extra: serde_json::json!({
+            "memories": args.memories,
+            "ingest_per_s": rate,
+            "fulltext": ft,
+            "fulltext_mean_hits": r.mean_hits,
+            "hybrid": hy,
+            "hybrid_mode_ok": r.hybrid_modes_ok,
+            "ann_recall_at_10_vs_exact": r.recall_at_10,
+            "recall_queries": r.recall_queries,
+        }),
     })
 }

@@ -2,6 +2,7 @@
 //! Thin by design: the hub lives in concord-server, the API client in concord-client.
 
 mod bench;
+mod bench_memory;
 mod cli;
 mod memory_cli;
 mod output;
