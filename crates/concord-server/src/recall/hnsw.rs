@@ -19,7 +19,11 @@ use std::path::Path;
 
 const M: usize = 16;
 const M0: usize = 2 * M;
-const EF_CONSTRUCTION: usize = 100;
+const EF_CONSTRUCTION: usize = 64;
+/// A neighbour list may grow this far past its bound before it is pruned back
+/// with the heuristic: pruning costs O(m²) dot products, and doing it on every
+/// overflow (as the paper does) was most of the insertion time at 384-d.
+const SLACK: usize = M / 2;
 const MAGIC: &[u8; 8] = b"CNCHNSW1";
 
 /// Dot product with independent accumulators, so that the compiler vectorizes it.
@@ -29,8 +33,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        for ((s, p), q) in acc.iter_mut().zip(x).zip(y) {
+            *s += p * q;
         }
     }
     let mut s: f32 = acc.iter().sum();
@@ -254,7 +258,7 @@ impl Hnsw {
             for &n in &nbrs {
                 let list = &mut self.links[n as usize][l];
                 list.push(node);
-                if list.len() > max {
+                if list.len() > max + SLACK {
                     let base = self.vec_of(n).to_vec();
                     let mut cands: Vec<Near> = self.links[n as usize][l]
                         .iter()
