@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Memories per batch call (ingest and recall suites).
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Ingest without vectors (full-text only).
+    #[arg(long)]
+    no_vectors: bool,
     /// Print one JSON object instead of lines.
     #[arg(long)]
     json: bool,
@@ -309,6 +312,7 @@ async fn memory(
         args.memories,
         args.batch.max(1),
         args.concurrency,
+        !args.no_vectors,
     )
     .await?;
     let rate = ing.memories as f64 / ing.seconds;
@@ -328,7 +332,7 @@ async fn memory(
             p95_ms: q(&batch_q, "p95_ms"),
             p99_ms: q(&batch_q, "p99_ms"),
             max_ms: q(&batch_q, "max_ms"),
-            extra: serde_json::json!({"memories_per_s": rate, "batch": args.batch, "batch_latency": batch_q}),
+            extra: serde_json::json!({"memories_per_s": rate, "batch": args.batch, "vectors": !args.no_vectors, "batch_latency": batch_q}),
         });
     }
     eprintln!("ingested at {rate:.0}/s; measuring recall…");

@@ -217,6 +217,7 @@ pub async fn ingest(
     n: usize,
     batch: usize,
     concurrency: usize,
+    vectors: bool,
 ) -> Result<IngestFigures> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -234,7 +235,13 @@ pub async fn ingest(
                     break;
                 }
                 let items: Vec<WriteMemoryRequest> = (start..(start + batch).min(n))
-                    .map(|i| corpus.memory(i, nw))
+                    .map(|i| {
+                        let mut m = corpus.memory(i, nw);
+                        if !vectors {
+                            m.embedding = None;
+                        }
+                        m
+                    })
                     .collect();
                 let t = Instant::now();
                 match c.remember_batch(items).await {

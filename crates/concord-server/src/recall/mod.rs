@@ -306,7 +306,9 @@ impl RecallIndex {
     /// Applies one page of the memory log; returns how many rows it had.
     async fn pass_page(self: &Arc<Self>) -> Result<usize> {
         let from = self.watermark();
+        let t0 = std::time::Instant::now();
         let rows = self.store.memory_changes(from, PAGE).await?;
+        let t_read = t0.elapsed();
         let Some(last) = rows.last().map(|r| r.changed_seq) else {
             return Ok(0);
         };
@@ -315,32 +317,26 @@ impl RecallIndex {
         tokio::task::spawn_blocking(move || me.apply(rows, last))
             .await
             .map_err(|e| Error::internal(format!("recall index task failed: {e}")))??;
+        tracing::debug!(rows = n, read = ?t_read, total = ?t0.elapsed(), "recall index pass");
         Ok(n)
     }
 
+    /// Applies a page to both indexes, the text index and the vector graphs in
+    /// parallel (two threads: a tantivy commit and HNSW insertions take about as
+    /// long as each other, and nothing is answered before both are done).
     fn apply(&self, rows: Vec<StoredMemory>, last: i64) -> Result<()> {
         let (tm, vm) = (
             self.text_mark.load(Ordering::SeqCst),
             self.vector_mark.load(Ordering::SeqCst),
         );
-        let mut text = self
-            .text
-            .lock()
-            .map_err(|_| Error::internal("recall index lock poisoned"))?;
-        let mut staged = false;
-        for r in rows.iter().filter(|r| r.changed_seq > tm) {
-            text.stage(r)?;
-            staged = true;
-        }
-        if staged || last > tm {
-            text.commit(last)?;
-        }
-        self.text_mark.store(last, Ordering::SeqCst);
-        drop(text);
-        if rows
-            .iter()
-            .any(|r| r.changed_seq > vm && (r.embedding.is_some() || r.memory.purged))
-        {
+        let rows = &rows;
+        let vectors = || -> Result<()> {
+            if !rows
+                .iter()
+                .any(|r| r.changed_seq > vm && (r.embedding.is_some() || r.memory.purged))
+            {
+                return Ok(());
+            }
             let mut graphs = self
                 .vectors
                 .write()
@@ -355,7 +351,31 @@ impl RecallIndex {
                         .insert(r.memory.seq, r.memory.created_at.millis(), v);
                 }
             }
-        }
+            Ok(())
+        };
+        let text = || -> Result<()> {
+            let mut text = self
+                .text
+                .lock()
+                .map_err(|_| Error::internal("recall index lock poisoned"))?;
+            let mut staged = false;
+            for r in rows.iter().filter(|r| r.changed_seq > tm) {
+                text.stage(r)?;
+                staged = true;
+            }
+            if staged || last > tm {
+                text.commit(last)?;
+            }
+            Ok(())
+        };
+        let (t, v) = std::thread::scope(|s| {
+            let v = s.spawn(vectors);
+            let t = text();
+            (t, v.join())
+        });
+        t?;
+        self.text_mark.store(last, Ordering::SeqCst);
+        v.map_err(|_| Error::internal("vector index insertion panicked"))??;
         self.vector_mark.store(last, Ordering::SeqCst);
         Ok(())
     }

@@ -27,8 +27,10 @@ use tantivy::{
 
 /// Open-ended times and positions are stored as this, so "still open" is a term.
 pub const OPEN: i64 = i64::MAX;
-/// The writer's indexing memory (tantivy's minimum is 15 MB).
-const WRITER_BYTES: usize = 32_000_000;
+/// The writer's indexing memory: tantivy's minimum. Passes are small (what was
+/// written since the last one) and each commit starts a new segment whose arena
+/// is sized by this budget, so a larger one only costs zeroed pages per commit.
+const WRITER_BYTES: usize = 15_000_000;
 
 #[derive(Clone, Copy)]
 pub struct Fields {
