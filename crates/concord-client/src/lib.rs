@@ -7,6 +7,8 @@
 //! reached at all is `ErrorCode::Unavailable` with a message saying so.
 
 mod tasks;
+mod memory;
+pub use memory::memory;
 
 use concord_core::api::*;
 use concord_core::{Error, ErrorCode, Result};

@@ -81,6 +81,14 @@ pub enum Action {
     TaskCancel,
     ScheduleWrite,
     Dispatch,
+    MemoryWrite,
+    MemoryRead,
+    TrustRead,
+    TrustWrite,
+    CircleRead,
+    CircleWrite,
+    ForkRead,
+    ForkPromote,
 }
 
 use Grant::*;
@@ -117,6 +125,14 @@ impl Action {
         Action::TaskCancel,
         Action::ScheduleWrite,
         Action::Dispatch,
+        Action::MemoryWrite,
+        Action::MemoryRead,
+        Action::TrustRead,
+        Action::TrustWrite,
+        Action::CircleRead,
+        Action::CircleWrite,
+        Action::ForkRead,
+        Action::ForkPromote,
     ];
 
     /// Writes to shared state that a ghost (an unlabelled secondary or fork) may not
@@ -157,6 +173,17 @@ impl Action {
             Action::TaskWork => &[Admin, SessionAny],
             Action::TaskClaim => &[SessionAny],
             Action::ScheduleWrite => &[Admin, AgentAny],
+            // Memory reads are filtered by visibility at the source, per memory.
+            | Action::MemoryRead
+            | Action::TrustRead
+            | Action::CircleRead
+            | Action::ForkRead => READ_ALL,
+            // Which space an instance may write is the store's call (fencing,
+            // liveness, labels), in the write's transaction.
+            Action::MemoryWrite => &[Admin, SessionAny],
+            Action::CircleWrite => &[Admin],
+            // The store checks that the session is the entity's live primary.
+            Action::TrustWrite | Action::ForkPromote => &[Admin, SessionOwnEntity],
             Action::EventPublish | Action::MessageSend => &[Admin, AgentAny, SessionAny],
             Action::InboxRead => &[SessionSelf],
             Action::InstanceUpdate | Action::InstanceClose => &[Admin, AgentOwnEntity, SessionSelf],

@@ -15,6 +15,7 @@ mod metrics;
 mod openapi;
 mod presence;
 mod reaper;
+pub mod recall;
 pub mod routes;
 mod tail;
 
@@ -60,6 +61,39 @@ pub struct HubConfig {
     pub max_long_polls_per_token: usize,
     /// Live instances one entity may have (None: unlimited).
     pub max_instances_per_entity: Option<u32>,
+    /// Shared memory: the recall index's place, the embedder, the write limit.
+    pub memory: MemoryConfig,
+}
+
+/// Settings of shared memory (DESIGN §5).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryConfig {
+    /// Where the recall index persists (`<data dir>/recall`); `None`: in memory,
+    /// rebuilt from the memory log at every start.
+    pub index_dir: Option<std::path::PathBuf>,
+    /// An OpenAI-compatible embeddings endpoint and model.
+    pub embedder: Option<(String, String)>,
+    /// Memory writes per second per writer (0 = unlimited), 429 above.
+    pub write_rate_per_s: u32,
+}
+
+/// Shared memory's parts of the hub: the recall index, the embedder, and the
+/// per-writer write limit (a token bucket keyed by the writer, apart from the
+/// per-token request limit, so one chatty writer cannot flood everyone's recall).
+pub struct MemoryService {
+    pub index: Arc<recall::RecallIndex>,
+    pub embedder: Option<Arc<recall::embedder::Embedder>>,
+    limiter: limits::Limits,
+}
+
+impl MemoryService {
+    /// Takes `n` writes from the writer's budget.
+    pub(crate) fn check_rate(&self, writer: &str, n: usize) -> concord_core::Result<()> {
+        for _ in 0..n.max(1) {
+            self.limiter.check(writer)?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for HubConfig {
@@ -78,6 +112,7 @@ impl Default for HubConfig {
             max_streams_per_token: 256,
             max_long_polls_per_token: 1024,
             max_instances_per_entity: Some(10_000),
+            memory: MemoryConfig::default(),
         }
     }
 }
@@ -96,6 +131,7 @@ pub struct AppState {
     /// Every committed event, in seq order, from the log tail (see `bus.rs`).
     pub(crate) bus: tokio::sync::broadcast::Sender<Arc<concord_core::api::Event>>,
     pub(crate) subscribers: bus::SubscriberCount,
+    pub memory: MemoryService,
 }
 
 impl AppState {
@@ -115,7 +151,26 @@ impl Hub {
     /// Builds the state and starts the background tasks.
     pub async fn start(store: DynStore, config: HubConfig) -> concord_core::Result<Hub> {
         let (primary_released, _) = watch::channel(0);
+        let index = Arc::new(recall::RecallIndex::open(
+            store.clone(),
+            config.memory.index_dir.as_deref(),
+        )?);
+        let memory = MemoryService {
+            index: index.clone(),
+            embedder: config
+                .memory
+                .embedder
+                .as_ref()
+                .map(|(url, model)| Arc::new(recall::embedder::Embedder::new(url, model))),
+            limiter: limits::Limits::new(
+                config.memory.write_rate_per_s,
+                config.memory.write_rate_per_s,
+                0,
+                0,
+            ),
+        };
         let state = Arc::new(AppState {
+            memory,
             limits: limits::Limits::new(
                 config.rate_limit_per_s,
                 config.rate_limit_burst,
@@ -134,10 +189,18 @@ impl Hub {
         });
         let (stop, stop_rx) = watch::channel(false);
         let cursor = state.store.last_event_seq().await?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(reaper::run(state.clone(), stop_rx.clone())),
-            tokio::spawn(tail::run(state.clone(), cursor, stop_rx)),
+            tokio::spawn(tail::run(state.clone(), cursor, stop_rx.clone())),
+            tokio::spawn(index.run(stop_rx.clone())),
         ];
+        if let Some(e) = &state.memory.embedder {
+            tasks.push(tokio::spawn(recall::embedder::fill(
+                state.clone(),
+                e.clone(),
+                stop_rx,
+            )));
+        }
         Ok(Hub { state, stop, tasks })
     }
 

@@ -3,7 +3,7 @@
 //! project's one error shape, so a fuzzer can check responses against the schema.
 
 use crate::routes::{
-    dispatch, entities, events, instances, messages, state, system, tasks, tokens,
+    dispatch, entities, events, instances, memory, messages, state, system, tasks, tokens,
 };
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -38,6 +38,9 @@ pub struct ErrorDetail {
         tasks::enqueue, tasks::enqueue_batch, tasks::claim, tasks::heartbeat, tasks::complete, tasks::complete_batch,
         tasks::fail, tasks::cancel, tasks::get, tasks::list, tasks::queues, tasks::put_schedule, tasks::list_schedules,
         tasks::delete_schedule, dispatch::create, dispatch::get,
+        memory::write, memory::write_batch, memory::get, memory::update, memory::forget, memory::search,
+        memory::put_trust, memory::get_trust, memory::put_circle, memory::list_circles,
+        memory::fork_diff, memory::promote,
         system::status, system::healthz, system::readyz, system::metrics, system::openapi,
     ),
     components(schemas(ErrorBody, ErrorDetail)),

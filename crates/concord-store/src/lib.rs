@@ -8,12 +8,14 @@
 //! SQLite, the database's `now()` for PostgreSQL), so replicas never disagree.
 
 pub mod dispatch;
+mod memory;
 mod model;
 pub mod postgres;
 pub mod queue;
 pub mod sqlite;
 
 pub use dispatch::*;
+pub use memory::*;
 pub use model::*;
 pub use queue::*;
 
@@ -30,7 +32,7 @@ use std::sync::Arc;
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
-pub trait Store: EventStore + QueueStore + DispatchStore + Send + Sync + 'static {
+pub trait Store: EventStore + QueueStore + DispatchStore + MemoryStore + Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

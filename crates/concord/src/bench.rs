@@ -26,6 +26,11 @@ pub enum Suite {
     Events,
     /// A multi dispatch to 10 peers that answer at once (overhead p99 < 10 ms).
     Dispatch,
+    /// Memory ingest with 384-d vectors through the batch endpoint (≥ 5,000/s).
+    Ingest,
+    /// Recall over `--memories` memories: full-text p99 < 10 ms, hybrid p99 < 20 ms,
+    /// recall@10 ≥ 0.95 against exact search.
+    Recall,
     /// Every suite above, each with its baselines.
     All,
 }
@@ -52,6 +57,15 @@ pub struct BenchArgs {
     /// Live instances (heartbeat suite); ignored by the others.
     #[arg(long, default_value_t = 10_000)]
     instances: usize,
+    /// Memories to ingest (ingest and recall suites).
+    #[arg(long, default_value_t = 100_000)]
+    memories: usize,
+    /// Memories per batch call (ingest and recall suites).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Ingest without vectors (full-text only).
+    #[arg(long)]
+    no_vectors: bool,
     /// Durability of the embedded SQLite hub: full (fsync every group commit) or normal.
     #[arg(long, value_enum, default_value = "full")]
     durability: crate::serve::DurabilityArg,
@@ -103,6 +117,9 @@ pub struct Report {
     pub durable_writes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_lookups: Option<u64>,
+    /// Suite-specific figures (the memory suites).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub extra: serde_json::Value,
 }
 
 /// The hub's counters that tell how many heartbeats reached the store.
@@ -124,6 +141,9 @@ struct Embedded {
     url: String,
     admin: String,
     backend: &'static str,
+    /// The hub's state: the memory suites read its recall index directly for the
+    /// exact-search baseline of recall@10.
+    state: Arc<concord_server::AppState>,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -202,6 +222,7 @@ async fn embedded(
     )
     .await
     .map_err(|e| anyhow!("{e}"))?;
+    let state = hub.state();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, rx) = tokio::sync::oneshot::channel();
@@ -212,6 +233,7 @@ async fn embedded(
         url,
         admin,
         backend,
+        state,
         _dir: dir,
         stop: Some(stop),
         served: Some(served),
@@ -227,6 +249,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             Suite::QueueBatch,
             Suite::Events,
             Suite::Dispatch,
+            Suite::Ingest,
+            Suite::Recall,
         ],
         s => vec![s],
     };
@@ -317,6 +341,10 @@ async fn concord_suite(args: &BenchArgs, suite: Suite) -> Result<Report> {
             Suite::QueueBatch => queue(&client, args, backend, 100).await,
             Suite::Events => events(&client, args).await,
             Suite::Dispatch => dispatch(&client, args).await,
+            Suite::Ingest | Suite::Recall => {
+                let index = guard.as_ref().map(|g| g.state.memory.index.clone());
+                memory(&client, args, suite, backend, index).await
+            }
             Suite::All => Err(anyhow!("`all` is not one suite")),
         }
     }
@@ -704,6 +732,7 @@ async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -
         error_kinds,
         durable_writes: Some(after.0.saturating_sub(before.0)),
         token_lookups: Some(after.1.saturating_sub(before.1)),
+        extra: serde_json::Value::Null,
     })
 }
 
@@ -832,6 +861,7 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
         error_kinds: Vec::new(),
         durable_writes: None,
         token_lookups: None,
+        extra: serde_json::Value::Null,
     })
 }
 
@@ -939,6 +969,7 @@ impl Report {
             error_kinds: Vec::new(),
             durable_writes: None,
             token_lookups: None,
+            extra: serde_json::Value::Null,
         }
     }
 
@@ -946,4 +977,82 @@ impl Report {
         self.system = system.into();
         self
     }
+}
+
+/// The ingest and recall suites (see `bench_memory`).
+async fn memory(
+    admin: &Client,
+    args: &BenchArgs,
+    suite: Suite,
+    backend: &str,
+    index: Option<Arc<concord_server::recall::RecallIndex>>,
+) -> Result<Report> {
+    use crate::bench_memory as bm;
+    let corpus = Arc::new(bm::Corpus::new());
+    let writers = bm::writers(admin, 8).await?;
+    eprintln!("ingesting {} memories ({}-d vectors) in batches of {}…", args.memories, bm::DIM, args.batch);
+    let ing = bm::ingest(&writers, corpus.clone(), args.memories, args.batch.max(1), args.concurrency, !args.no_vectors).await?;
+    let rate = ing.memories as f64 / ing.seconds;
+    let batch_q = bm::quantiles(ing.batch_latency_us.clone());
+    let q = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let base = Report {
+        suite: String::new(),
+        system: "concord".into(),
+        backend: backend.into(),
+        instances: writers.len(),
+        concurrency: args.concurrency,
+        duration_s: 0.0,
+        operations: 0,
+        errors: 0,
+        throughput_per_s: 0.0,
+        p50_ms: 0.0,
+        p95_ms: 0.0,
+        p99_ms: 0.0,
+        max_ms: 0.0,
+        error_kinds: vec![],
+        durable_writes: None,
+        token_lookups: None,
+        extra: serde_json::Value::Null,
+    };
+    if let Suite::Ingest = suite {
+        return Ok(Report {
+            suite: "ingest".into(),
+            duration_s: ing.seconds,
+            operations: ing.memories as u64,
+            errors: ing.errors,
+            throughput_per_s: rate,
+            p50_ms: q(&batch_q, "p50_ms"),
+            p95_ms: q(&batch_q, "p95_ms"),
+            p99_ms: q(&batch_q, "p99_ms"),
+            max_ms: q(&batch_q, "max_ms"),
+            extra: serde_json::json!({"memories_per_s": rate, "batch": args.batch, "vectors": !args.no_vectors, "batch_latency": batch_q}),
+            ..base
+        });
+    }
+    eprintln!("ingested at {rate:.0}/s; measuring recall…");
+    let dur = Duration::from_secs(args.duration.max(1));
+    let r = bm::recall(&writers[0], index, corpus, dur, args.concurrency).await?;
+    let ft = bm::quantiles(r.fulltext_us.clone());
+    let hy = bm::quantiles(r.hybrid_us.clone());
+    Ok(Report {
+        suite: "recall".into(),
+        duration_s: dur.as_secs_f64() * 2.0,
+        operations: (r.fulltext_us.len() + r.hybrid_us.len()) as u64,
+        throughput_per_s: r.fulltext_us.len() as f64 / dur.as_secs_f64(),
+        p50_ms: q(&ft, "p50_ms"),
+        p95_ms: q(&ft, "p95_ms"),
+        p99_ms: q(&ft, "p99_ms"),
+        max_ms: q(&ft, "max_ms"),
+        extra: serde_json::json!({
+            "memories": args.memories,
+            "ingest_per_s": rate,
+            "fulltext": ft,
+            "fulltext_mean_hits": r.mean_hits,
+            "hybrid": hy,
+            "hybrid_mode_ok": r.hybrid_modes_ok,
+            "ann_recall_at_10_vs_exact": r.recall_at_10,
+            "recall_queries": r.recall_queries,
+        }),
+        ..base
+    })
 }

@@ -145,6 +145,41 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Write a memory: `concord remember shared:providers "kimi drops requests at 03:00"`.
+    Remember {
+        /// entity:NAME, instance:ins_… or shared:NAME.
+        space: String,
+        text: String,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// private, entity, circle:NAME or public.
+        #[arg(long)]
+        visibility: Option<String>,
+        #[arg(long)]
+        fence: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Recall memories (with provenance and age).
+    Recall {
+        query: String,
+        #[arg(long = "space")]
+        spaces: Vec<String>,
+        #[arg(long)]
+        trusted_only: bool,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Read, list the versions of, or forget a memory.
+    #[command(subcommand)]
+    Memory(crate::memory_cli::MemoryCmd),
+    /// Diff a fork against canonical memory, promote its memories.
+    #[command(subcommand)]
+    Fork(crate::memory_cli::ForkCmd),
 }
 
 #[derive(Subcommand)]
@@ -428,6 +463,34 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
         ClientCommand::Dispatch(d) => crate::dispatch_cli::run(d).await?,
         ClientCommand::Token(t) => token(t).await?,
         ClientCommand::State(s) => state(s).await?,
+        ClientCommand::Remember {
+            space,
+            text,
+            kind,
+            tags,
+            visibility,
+            fence,
+            conn,
+        } => {
+            let r = crate::memory_cli::Remember {
+                space,
+                text,
+                kind,
+                tags,
+                visibility,
+                fence,
+            };
+            crate::memory_cli::remember(r, &conn).await?
+        }
+        ClientCommand::Recall {
+            query,
+            spaces,
+            trusted_only,
+            limit,
+            conn,
+        } => crate::memory_cli::recall(query, spaces, trusted_only, limit, &conn).await?,
+        ClientCommand::Memory(m) => crate::memory_cli::memory(m).await?,
+        ClientCommand::Fork(f) => crate::memory_cli::fork(f).await?,
     }
     Ok(())
 }

@@ -4,8 +4,10 @@
 mod baselines;
 mod bench;
 mod bench_report;
+mod bench_memory;
 mod cli;
 mod dispatch_cli;
+mod memory_cli;
 mod output;
 mod serve;
 mod task_cli;

@@ -67,6 +67,16 @@ pub struct ServeArgs {
     /// How often retention runs, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub retention_interval_ms: u64,
+    /// An OpenAI-compatible embeddings server (e.g. Ollama's `http://127.0.0.1:11434`)
+    /// that computes the vectors of memories and queries sent without one.
+    #[arg(long, env = "CONCORD_EMBEDDER", requires = "embedder_model")]
+    pub embedder: Option<String>,
+    /// The embedder's model name (e.g. `nomic-embed-text`).
+    #[arg(long, env = "CONCORD_EMBEDDER_MODEL")]
+    pub embedder_model: Option<String>,
+    /// Memory writes per second per writer (0 = off), 429 with Retry-After above.
+    #[arg(long, default_value_t = 0)]
+    pub memory_rate_limit: u32,
 }
 
 /// The default data directory, shared by `serve` and the CLI's discovery.
@@ -177,6 +187,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .then_some(args.max_instances_per_entity),
         max_streams_per_token: args.max_streams_per_token.max(1),
         max_long_polls_per_token: args.max_long_polls_per_token.max(1),
+        memory: concord_server::MemoryConfig {
+            index_dir: Some(dir.join("recall")),
+            embedder: args.embedder.clone().zip(args.embedder_model.clone()),
+            write_rate_per_s: args.memory_rate_limit,
+        },
         ..HubConfig::default()
     };
     let hub = Hub::start(store.clone(), config)

@@ -5,6 +5,7 @@ pub(crate) mod dispatch;
 pub(crate) mod entities;
 pub(crate) mod events;
 pub(crate) mod instances;
+pub(crate) mod memory;
 pub(crate) mod messages;
 pub(crate) mod state;
 pub(crate) mod system;
@@ -72,6 +73,21 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         )
         .route("/v1/dispatch", post(dispatch::create))
         .route("/v1/dispatch/{id}", get(dispatch::get))
+        .route("/v1/memories", post(memory::write))
+        .route("/v1/memories/batch", post(memory::write_batch))
+        .route("/v1/memories/search", post(memory::search))
+        .route(
+            "/v1/memories/{id}",
+            get(memory::get).put(memory::update).delete(memory::forget),
+        )
+        .route(
+            "/v1/trust/{entity}",
+            get(memory::get_trust).put(memory::put_trust),
+        )
+        .route("/v1/circles", get(memory::list_circles))
+        .route("/v1/circles/{name}", axum::routing::put(memory::put_circle))
+        .route("/v1/forks/{id}/diff", get(memory::fork_diff))
+        .route("/v1/forks/{id}/promote", post(memory::promote))
         .route("/v1/status", get(system::status))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))

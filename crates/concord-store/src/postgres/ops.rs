@@ -671,10 +671,11 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
     }
     let now = t.now;
     let lease_until = presence::write_ahead(now, n.ttl_ms);
-    // As in SQLite: the event log position stands in for the memory-log position
-    // until shared memory arrives.
+    // As in SQLite: the memory-log position at registration. Read without the
+    // counter's lock: positions commit in order, so every memory at or below it
+    // is committed and every later one is after the fork.
     let fork_point: Option<i64> = if req.role == Role::Fork {
-        Some(last_event_seq(&t.c).await?)
+        Some(memory::last_memory_seq(&t.c).await?)
     } else {
         None
     };
@@ -1456,3 +1457,4 @@ pub(crate) async fn last_event_seq<C: GenericClient>(c: &C) -> R<i64> {
 mod dispatch;
 mod events;
 mod queue;
+mod memory;

@@ -194,6 +194,77 @@ CREATE TABLE schedules (
 );
 "#,
     ),
+    // 3 is the work queue's (built in parallel); migrations apply in list order.
+    (
+        4,
+        r#"
+-- Shared memory (DESIGN §5), as in SQLite. seq: memory-log position of the
+-- creation; closed_seq: of the close; changed_seq: of the latest change (the
+-- feed the recall index follows). lineage: the id of version 1 (history).
+CREATE TABLE memories (
+    id              TEXT COLLATE "C" PRIMARY KEY,
+    lineage         TEXT COLLATE "C" NOT NULL,
+    space           TEXT COLLATE "C" NOT NULL,
+    kind            TEXT COLLATE "C" NOT NULL,
+    text            TEXT NOT NULL,
+    tags            JSON NOT NULL,
+    metadata        JSON NOT NULL,
+    visibility      TEXT COLLATE "C" NOT NULL,
+    owner_instance  TEXT COLLATE "C",
+    owner_entity    TEXT COLLATE "C",
+    writer_instance TEXT COLLATE "C",
+    writer_entity   TEXT COLLATE "C",
+    provenance      JSON NOT NULL,
+    content_hash    TEXT COLLATE "C" NOT NULL,
+    version         BIGINT NOT NULL,
+    supersedes      TEXT COLLATE "C",
+    superseded_by   TEXT COLLATE "C",
+    valid_at        BIGINT NOT NULL,
+    invalid_at      BIGINT,
+    created_at      BIGINT NOT NULL,
+    seq             BIGINT NOT NULL UNIQUE,
+    closed_seq      BIGINT,
+    changed_seq     BIGINT NOT NULL,
+    purged          BOOLEAN NOT NULL DEFAULT FALSE,
+    embedding       BYTEA,
+    embedding_dim   INTEGER,
+    embed_pending   BOOLEAN NOT NULL DEFAULT FALSE,
+    idem_actor      TEXT COLLATE "C",
+    idempotency_key TEXT COLLATE "C"
+);
+CREATE INDEX memories_changed ON memories(changed_seq);
+CREATE INDEX memories_lineage ON memories(lineage, version);
+CREATE INDEX memories_dedup ON memories(space, content_hash) WHERE invalid_at IS NULL;
+CREATE INDEX memories_space ON memories(space, seq);
+CREATE INDEX memories_pending ON memories(seq) WHERE embed_pending;
+CREATE UNIQUE INDEX memories_idem ON memories(idem_actor, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+-- The memory log's positions, like event_counter: each appending transaction
+-- locks this row until COMMIT, so positions become visible in order.
+CREATE TABLE memory_counter (
+    id  SMALLINT PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL
+);
+INSERT INTO memory_counter (id, seq) VALUES (1, 0);
+
+CREATE TABLE memory_spaces (
+    space TEXT COLLATE "C" PRIMARY KEY,
+    dim   INTEGER NOT NULL
+);
+
+CREATE TABLE trust (
+    entity     TEXT COLLATE "C" PRIMARY KEY,
+    trusts     JSON NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+
+CREATE TABLE circles (
+    name       TEXT COLLATE "C" PRIMARY KEY,
+    members    JSON NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+"#,
+    ),
     (
         5,
         r#"

@@ -3,6 +3,7 @@
 
 mod dispatch;
 mod events;
+mod memory;
 mod ops;
 mod queue;
 mod schema;

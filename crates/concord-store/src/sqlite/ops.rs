@@ -22,7 +22,7 @@ const GHOST_LISTED_MS: i64 = 86_400_000;
 
 // ---------- helpers ----------
 
-fn to_json(v: &impl serde::Serialize) -> String {
+pub(crate) fn to_json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
@@ -47,7 +47,7 @@ fn hub_source() -> EventSource {
     EventSource::default()
 }
 
-fn source_of(p: &Principal) -> EventSource {
+pub(crate) fn source_of(p: &Principal) -> EventSource {
     EventSource {
         instance: p.instance.clone(),
         entity: p.entity.clone(),
@@ -105,7 +105,7 @@ fn entity_row(c: &Connection, entity: &str) -> Result<Option<(u64, Option<String
         .map_err(db_err)
 }
 
-fn ensure_entity(c: &Connection, now: i64, entity: &str) -> Result<()> {
+pub(crate) fn ensure_entity(c: &Connection, now: i64, entity: &str) -> Result<()> {
     c.prepare_cached("INSERT OR IGNORE INTO entities (name, epoch, primary_instance, created_at) VALUES (?1, 0, NULL, ?2)")
         .and_then(|mut s| s.execute(params![entity, now]))
         .map_err(db_err)?;
@@ -165,7 +165,11 @@ fn is_live(inst: &Instance, now: i64) -> bool {
 }
 
 /// The live primary of an entity, expiring a holder whose durable lease lapsed.
-fn live_primary(c: &Connection, now: i64, entity: &str) -> Result<(u64, Option<Instance>)> {
+pub(crate) fn live_primary(
+    c: &Connection,
+    now: i64,
+    entity: &str,
+) -> Result<(u64, Option<Instance>)> {
     let Some((epoch, primary)) = entity_row(c, entity)? else {
         return Ok((0, None));
     };
@@ -397,10 +401,10 @@ pub(crate) fn register_instance(c: &Connection, now: i64, n: &NewInstance) -> Re
         }
     }
     let lease_until = presence::write_ahead(now, n.ttl_ms);
-    // A fork's fork point is the memory-log position at registration; the memory
-    // log arrives with shared memory, until then the event log position stands in.
+    // A fork's fork point is the memory-log position at registration: it reads
+    // canonical memory as of there (DESIGN §5).
     let fork_point: Option<i64> = if req.role == Role::Fork {
-        Some(last_event_seq(c)?)
+        Some(super::memory::last_memory_seq(c)?)
     } else {
         None
     };

@@ -174,6 +174,76 @@ CREATE TABLE schedules (
 );
 "#,
     ),
+    // 3 is the work queue's (built in parallel); migrations apply in list order.
+    (
+        4,
+        r#"
+-- Shared memory (DESIGN §5). seq: memory-log position of the creation;
+-- closed_seq: of the close; changed_seq: of the latest change (the feed the
+-- recall index follows). lineage: the id of version 1 (history).
+CREATE TABLE memories (
+    id              TEXT PRIMARY KEY,
+    lineage         TEXT NOT NULL,
+    space           TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    text            TEXT NOT NULL,
+    tags            TEXT NOT NULL,
+    metadata        TEXT NOT NULL,
+    visibility      TEXT NOT NULL,
+    owner_instance  TEXT,
+    owner_entity    TEXT,
+    writer_instance TEXT,
+    writer_entity   TEXT,
+    provenance      TEXT NOT NULL,
+    content_hash    TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    supersedes      TEXT,
+    superseded_by   TEXT,
+    valid_at        INTEGER NOT NULL,
+    invalid_at      INTEGER,
+    created_at      INTEGER NOT NULL,
+    seq             INTEGER NOT NULL UNIQUE,
+    closed_seq      INTEGER,
+    changed_seq     INTEGER NOT NULL,
+    purged          INTEGER NOT NULL DEFAULT 0,
+    embedding       BLOB,
+    embedding_dim   INTEGER,
+    embed_pending   INTEGER NOT NULL DEFAULT 0,
+    idem_actor      TEXT,
+    idempotency_key TEXT
+);
+CREATE INDEX memories_changed ON memories(changed_seq);
+CREATE INDEX memories_lineage ON memories(lineage, version);
+CREATE INDEX memories_dedup ON memories(space, content_hash) WHERE invalid_at IS NULL;
+CREATE INDEX memories_space ON memories(space, seq);
+CREATE INDEX memories_pending ON memories(seq) WHERE embed_pending = 1;
+CREATE UNIQUE INDEX memories_idem ON memories(idem_actor, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE memory_counter (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+INSERT INTO memory_counter (id, seq) VALUES (1, 0);
+
+-- The embedding dimension of each space, fixed by its first vector.
+CREATE TABLE memory_spaces (
+    space TEXT PRIMARY KEY,
+    dim   INTEGER NOT NULL
+);
+
+CREATE TABLE trust (
+    entity     TEXT PRIMARY KEY,
+    trusts     TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+
+CREATE TABLE circles (
+    name       TEXT PRIMARY KEY,
+    members    TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+"#,
+    ),
     (
         5,
         r#"

@@ -165,7 +165,7 @@ async fn register_fork(store: DynStore) {
     let parent = register(&store, "sisters", Role::Primary, Some("main"))
         .await
         .instance;
-    let seq = store.last_event_seq().await.unwrap();
+    let seq = store.last_memory_seq().await.unwrap();
     let mut req = request("sisters", Role::Fork, Some("long experiment"));
     req.forked_from = Some(parent.id.clone());
     let fork = register_with(&store, req, TTL).await;
@@ -177,7 +177,7 @@ async fn register_fork(store: DynStore) {
     assert_eq!(
         fork.instance.fork_point,
         Some(seq),
-        "forked at the log position of its registration"
+        "forked at the memory-log position of its registration"
     );
     assert_eq!(fork.fence, None);
 

@@ -13,6 +13,7 @@ mod harness;
 mod events;
 mod instances;
 mod messages;
+mod memory;
 mod pg_only;
 mod primaries;
 mod queue;

@@ -11,6 +11,7 @@ mod dispatch;
 mod events;
 mod failover;
 mod limits;
+mod memory;
 mod primaries;
 mod queue;
 mod replicas;

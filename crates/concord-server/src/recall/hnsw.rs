@@ -1,0 +1,539 @@
+//! The ANN half of the recall index: an HNSW graph (Malkov & Yashunin, 2016) over
+//! unit-normalized vectors, so that cosine similarity is a dot product.
+//!
+//! Why our own rather than `hnsw_rs` or `usearch`: recall must filter *inside* the
+//! graph walk (visibility is applied before ranking, never after), memories are
+//! closed and purged (a node must be able to drop its vector), and the index is
+//! persisted with the memory-log watermark it reflects. `hnsw_rs` cannot delete,
+//! reloads through a borrowing loader and pulls rayon, env_logger, mmap-rs and a
+//! second `rand` into the build; `usearch` is a C++ build. The algorithm itself
+//! is small: one `Vec<f32>` arena, neighbour lists per level, the paper's
+//! neighbour-selection heuristic, and a filtered layer-0 search that walks every
+//! node but only admits allowed ones to the result set (as hnswlib does).
+//! Keys are memory-log positions (`seq`), the same key the text index uses.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{Read, Write};
+use std::path::Path;
+
+const M: usize = 16;
+const M0: usize = 2 * M;
+const EF_CONSTRUCTION: usize = 64;
+/// A neighbour list may grow this far past its bound before it is pruned back
+/// with the heuristic: pruning costs O(m²) dot products, and doing it on every
+/// overflow (as the paper does) was most of the insertion time at 384-d.
+const SLACK: usize = M / 2;
+const MAGIC: &[u8; 8] = b"CNCHNSW1";
+
+/// Dot product with independent accumulators, so that the compiler vectorizes it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, p), q) in acc.iter_mut().zip(x).zip(y) {
+            *s += p * q;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[derive(Clone, Copy, PartialEq)]
+struct Near {
+    dist: f32,
+    node: u32,
+}
+impl Eq for Near {}
+impl Ord for Near {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.dist
+            .partial_cmp(&o.dist)
+            .unwrap_or(Ordering::Equal)
+            .then(self.node.cmp(&o.node))
+    }
+}
+impl PartialOrd for Near {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+/// Per-search visited set: a bitset over node numbers.
+struct Visited(Vec<u64>);
+impl Visited {
+    fn new(n: usize) -> Self {
+        Visited(vec![0; n.div_ceil(64)])
+    }
+    /// Marks `i`; true if it was not marked yet.
+    fn insert(&mut self, i: u32) -> bool {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        let was = self.0[w] & (1 << b) != 0;
+        self.0[w] |= 1 << b;
+        !was
+    }
+}
+
+pub struct Hnsw {
+    dim: usize,
+    vectors: Vec<f32>,
+    keys: Vec<i64>,
+    /// Creation times (ms), for recency without a store round trip.
+    created: Vec<i64>,
+    /// Purged: the vector is zeroed and the node never returned.
+    dead: Vec<bool>,
+    links: Vec<Vec<Vec<u32>>>,
+    entry: Option<u32>,
+    by_key: HashMap<i64, u32>,
+    rng: u64,
+}
+
+impl Hnsw {
+    pub fn new(dim: usize) -> Hnsw {
+        Hnsw {
+            dim,
+            vectors: Vec::new(),
+            keys: Vec::new(),
+            created: Vec::new(),
+            dead: Vec::new(),
+            links: Vec::new(),
+            entry: None,
+            by_key: HashMap::new(),
+            rng: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn contains(&self, key: i64) -> bool {
+        self.by_key.contains_key(&key)
+    }
+
+    fn vec_of(&self, n: u32) -> &[f32] {
+        let s = n as usize * self.dim;
+        &self.vectors[s..s + self.dim]
+    }
+
+    fn dist(&self, q: &[f32], n: u32) -> f32 {
+        1.0 - dot(q, self.vec_of(n))
+    }
+
+    fn random_level(&mut self) -> usize {
+        // xorshift64*: deterministic, so a rebuild from the same log is the same graph.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let u = ((r >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let ml = 1.0 / (M as f64).ln();
+        ((-u.ln() * ml) as usize).min(16)
+    }
+
+    /// Greedy/beam search of one level from `eps`. `allow`: only allowed nodes
+    /// enter the result set (all are walked).
+    fn search_layer(
+        &self,
+        q: &[f32],
+        eps: &[Near],
+        ef: usize,
+        level: usize,
+        allow: Option<&dyn Fn(u32) -> bool>,
+        visited: &mut Visited,
+    ) -> Vec<Near> {
+        let mut cand: BinaryHeap<std::cmp::Reverse<Near>> = BinaryHeap::new();
+        let mut best: BinaryHeap<Near> = BinaryHeap::new();
+        let admit = |n: u32| !self.dead[n as usize] && allow.is_none_or(|f| f(n));
+        for e in eps {
+            if visited.insert(e.node) {
+                cand.push(std::cmp::Reverse(*e));
+                if admit(e.node) {
+                    best.push(*e);
+                }
+            }
+        }
+        while let Some(std::cmp::Reverse(c)) = cand.pop() {
+            if best.len() >= ef && best.peek().is_some_and(|w| c.dist > w.dist) {
+                break;
+            }
+            let Some(nbrs) = self.links[c.node as usize].get(level) else {
+                continue;
+            };
+            for &n in nbrs {
+                if !visited.insert(n) {
+                    continue;
+                }
+                let d = self.dist(q, n);
+                if best.len() < ef || best.peek().is_some_and(|w| d < w.dist) {
+                    cand.push(std::cmp::Reverse(Near { dist: d, node: n }));
+                    if admit(n) {
+                        best.push(Near { dist: d, node: n });
+                        if best.len() > ef {
+                            best.pop();
+                        }
+                    }
+                }
+            }
+        }
+        let mut v = best.into_vec();
+        v.sort();
+        v
+    }
+
+    /// The paper's heuristic (algorithm 4): keep a candidate only if it is closer
+    /// to the base than to every neighbour kept so far; spreads links across
+    /// clusters, which is what keeps recall high on clustered data.
+    fn select(&self, cands: &[Near], m: usize) -> Vec<u32> {
+        let mut out: Vec<Near> = Vec::with_capacity(m);
+        for c in cands {
+            if out.len() >= m {
+                break;
+            }
+            let cv = self.vec_of(c.node);
+            if out
+                .iter()
+                .all(|k| 1.0 - dot(cv, self.vec_of(k.node)) > c.dist)
+            {
+                out.push(*c);
+            }
+        }
+        if out.len() < m {
+            for c in cands {
+                if out.len() >= m {
+                    break;
+                }
+                if !out.iter().any(|k| k.node == c.node) {
+                    out.push(*c);
+                }
+            }
+        }
+        out.into_iter().map(|n| n.node).collect()
+    }
+
+    /// Adds a vector (normalized here) under `key`; a key already present is left
+    /// as it is (a memory's vector never changes once set).
+    pub fn insert(&mut self, key: i64, created_at: i64, v: &[f32]) {
+        if v.len() != self.dim || self.by_key.contains_key(&key) {
+            return;
+        }
+        let mut q = v.to_vec();
+        concord_core::recall::normalize(&mut q);
+        let node = self.keys.len() as u32;
+        let level = self.random_level();
+        self.vectors.extend_from_slice(&q);
+        self.keys.push(key);
+        self.created.push(created_at);
+        self.dead.push(false);
+        self.links.push(vec![Vec::new(); level + 1]);
+        self.by_key.insert(key, node);
+        let Some(entry) = self.entry else {
+            self.entry = Some(node);
+            return;
+        };
+        let top = self.links[entry as usize].len() - 1;
+        let mut eps = vec![Near {
+            dist: self.dist(&q, entry),
+            node: entry,
+        }];
+        let mut visited = Visited::new(self.keys.len());
+        for l in (level + 1..=top).rev() {
+            eps = self.search_layer(&q, &eps, 1, l, None, &mut visited);
+            visited = Visited::new(self.keys.len());
+        }
+        for l in (0..=level.min(top)).rev() {
+            let w = self.search_layer(&q, &eps, EF_CONSTRUCTION, l, None, &mut visited);
+            visited = Visited::new(self.keys.len());
+            let max = if l == 0 { M0 } else { M };
+            let nbrs = self.select(&w, M);
+            for &n in &nbrs {
+                let list = &mut self.links[n as usize][l];
+                list.push(node);
+                if list.len() > max + SLACK {
+                    let base = self.vec_of(n).to_vec();
+                    let mut cands: Vec<Near> = self.links[n as usize][l]
+                        .iter()
+                        .map(|&x| Near {
+                            dist: 1.0 - dot(&base, self.vec_of(x)),
+                            node: x,
+                        })
+                        .collect();
+                    cands.sort();
+                    let kept = self.select(&cands, max);
+                    self.links[n as usize][l] = kept;
+                }
+            }
+            self.links[node as usize][l] = nbrs;
+            eps = w;
+        }
+        if level > top {
+            self.entry = Some(node);
+        }
+    }
+
+    /// Drops a node's vector for good (an admin purge): it stays in the graph as
+    /// a waypoint with a zero vector and is never returned.
+    pub fn purge(&mut self, key: i64) {
+        if let Some(&n) = self.by_key.get(&key) {
+            self.dead[n as usize] = true;
+            let s = n as usize * self.dim;
+            self.vectors[s..s + self.dim].fill(0.0);
+        }
+    }
+
+    /// The `k` nearest allowed keys to `q`, as (key, cosine, created_at), best first.
+    pub fn search(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        allow: Option<&dyn Fn(i64) -> bool>,
+    ) -> Vec<(i64, f32, i64)> {
+        let Some(entry) = self.entry else {
+            return Vec::new();
+        };
+        if q.len() != self.dim || k == 0 {
+            return Vec::new();
+        }
+        let mut q = q.to_vec();
+        concord_core::recall::normalize(&mut q);
+        let top = self.links[entry as usize].len() - 1;
+        let mut eps = vec![Near {
+            dist: self.dist(&q, entry),
+            node: entry,
+        }];
+        for l in (1..=top).rev() {
+            let mut visited = Visited::new(self.keys.len());
+            eps = self.search_layer(&q, &eps, 1, l, None, &mut visited);
+        }
+        let keys = &self.keys;
+        let node_allow = allow.map(|f| move |n: u32| f(keys[n as usize]));
+        let dyn_allow: Option<&dyn Fn(u32) -> bool> =
+            node_allow.as_ref().map(|f| f as &dyn Fn(u32) -> bool);
+        let mut visited = Visited::new(self.keys.len());
+        let found = self.search_layer(&q, &eps, ef.max(k), 0, dyn_allow, &mut visited);
+        found
+            .into_iter()
+            .take(k)
+            .map(|n| {
+                (
+                    self.keys[n.node as usize],
+                    1.0 - n.dist,
+                    self.created[n.node as usize],
+                )
+            })
+            .collect()
+    }
+
+    /// Exact search over the given keys (for selective filters, where a graph walk
+    /// would visit most of the graph to find a few allowed nodes anyway).
+    pub fn exact(&self, q: &[f32], keys: &[i64], k: usize) -> Vec<(i64, f32, i64)> {
+        let mut q = q.to_vec();
+        concord_core::recall::normalize(&mut q);
+        let mut all: Vec<(i64, f32, i64)> = keys
+            .iter()
+            .filter_map(|key| self.by_key.get(key).map(|&n| (key, n)))
+            .filter(|(_, n)| !self.dead[*n as usize])
+            .map(|(key, n)| (*key, dot(&q, self.vec_of(n)), self.created[n as usize]))
+            .collect();
+        all.sort_by(|a, b| {
+            b.1.partial_cmp(&a.1)
+                .unwrap_or(Ordering::Equal)
+                .then(a.0.cmp(&b.0))
+        });
+        all.truncate(k);
+        all
+    }
+
+    pub fn write_to(&self, w: &mut impl Write, watermark: i64) -> std::io::Result<()> {
+        w.write_all(MAGIC)?;
+        for x in [
+            self.dim as u64,
+            self.keys.len() as u64,
+            watermark as u64,
+            self.rng,
+        ] {
+            w.write_all(&x.to_le_bytes())?;
+        }
+        w.write_all(&(self.entry.map(i64::from).unwrap_or(-1)).to_le_bytes())?;
+        for n in 0..self.keys.len() {
+            w.write_all(&self.keys[n].to_le_bytes())?;
+            w.write_all(&self.created[n].to_le_bytes())?;
+            w.write_all(&[self.dead[n] as u8, self.links[n].len() as u8])?;
+            for x in self.vec_of(n as u32) {
+                w.write_all(&x.to_le_bytes())?;
+            }
+            for l in &self.links[n] {
+                w.write_all(&(l.len() as u32).to_le_bytes())?;
+                for x in l {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what [`Hnsw::write_to`] wrote; returns the graph and its watermark.
+    pub fn read_from(r: &mut impl Read) -> std::io::Result<(Hnsw, i64)> {
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(bad("not a concord vector index"));
+        }
+        let mut u = [0u8; 8];
+        let mut next = |r: &mut dyn Read| -> std::io::Result<u64> {
+            r.read_exact(&mut u)?;
+            Ok(u64::from_le_bytes(u))
+        };
+        let dim = next(r)? as usize;
+        let n = next(r)? as usize;
+        let watermark = next(r)? as i64;
+        let rng = next(r)?;
+        let entry = next(r)? as i64;
+        if dim == 0 || dim > concord_core::memory::MAX_EMBEDDING_DIM {
+            return Err(bad("bad dimension"));
+        }
+        let mut h = Hnsw::new(dim);
+        h.rng = rng;
+        let mut b4 = [0u8; 4];
+        let mut b8 = [0u8; 8];
+        for node in 0..n {
+            r.read_exact(&mut b8)?;
+            let key = i64::from_le_bytes(b8);
+            r.read_exact(&mut b8)?;
+            let created = i64::from_le_bytes(b8);
+            let mut fl = [0u8; 2];
+            r.read_exact(&mut fl)?;
+            for _ in 0..dim {
+                r.read_exact(&mut b4)?;
+                h.vectors.push(f32::from_le_bytes(b4));
+            }
+            let mut levels = Vec::with_capacity(fl[1] as usize);
+            for _ in 0..fl[1] {
+                r.read_exact(&mut b4)?;
+                let c = u32::from_le_bytes(b4) as usize;
+                if c > M0 * 2 {
+                    return Err(bad("bad neighbour count"));
+                }
+                let mut l = Vec::with_capacity(c);
+                for _ in 0..c {
+                    r.read_exact(&mut b4)?;
+                    let x = u32::from_le_bytes(b4);
+                    if x as usize >= n {
+                        return Err(bad("bad neighbour"));
+                    }
+                    l.push(x);
+                }
+                levels.push(l);
+            }
+            if levels.is_empty() {
+                return Err(bad("node without levels"));
+            }
+            h.keys.push(key);
+            h.created.push(created);
+            h.dead.push(fl[0] != 0);
+            h.links.push(levels);
+            h.by_key.insert(key, node as u32);
+        }
+        h.entry = (entry >= 0 && (entry as usize) < n).then_some(entry as u32);
+        Ok((h, watermark))
+    }
+
+    pub fn save(&self, path: &Path, watermark: i64) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        {
+            let f = std::fs::File::create(&tmp)?;
+            let mut w = std::io::BufWriter::new(f);
+            self.write_to(&mut w, watermark)?;
+            w.flush()?;
+        }
+        std::fs::rename(tmp, path)
+    }
+
+    pub fn load(path: &Path) -> std::io::Result<(Hnsw, i64)> {
+        let f = std::fs::File::open(path)?;
+        Hnsw::read_from(&mut std::io::BufReader::new(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vecs(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                (0..dim)
+                    .map(|_| {
+                        s = s
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finds_the_exact_neighbours_mostly_and_respects_the_filter() {
+        let dim = 32;
+        let data = rand_vecs(2000, dim, 7);
+        let mut h = Hnsw::new(dim);
+        for (i, v) in data.iter().enumerate() {
+            h.insert(i as i64 + 1, 0, v);
+        }
+        let keys: Vec<i64> = (1..=2000).collect();
+        let queries = rand_vecs(50, dim, 99);
+        let mut hits = 0;
+        for q in &queries {
+            let exact: Vec<i64> = h.exact(q, &keys, 10).iter().map(|x| x.0).collect();
+            let got: Vec<i64> = h.search(q, 10, 64, None).iter().map(|x| x.0).collect();
+            hits += got.iter().filter(|k| exact.contains(k)).count();
+            let even: Vec<(i64, f32, i64)> = h.search(q, 10, 64, Some(&|k| k % 2 == 0));
+            assert!(even.iter().all(|x| x.0 % 2 == 0));
+            assert_eq!(even.len(), 10);
+        }
+        let recall = hits as f64 / 500.0;
+        assert!(recall > 0.9, "recall@10 {recall}");
+    }
+
+    #[test]
+    fn purge_and_persistence() {
+        let dim = 8;
+        let data = rand_vecs(300, dim, 3);
+        let mut h = Hnsw::new(dim);
+        for (i, v) in data.iter().enumerate() {
+            h.insert(i as i64, i as i64 * 10, v);
+        }
+        let q = &data[5];
+        assert_eq!(h.search(q, 1, 32, None)[0].0, 5);
+        h.purge(5);
+        assert!(h.search(q, 10, 32, None).iter().all(|x| x.0 != 5));
+        let mut buf = Vec::new();
+        h.write_to(&mut buf, 42).unwrap();
+        let (back, wm) = Hnsw::read_from(&mut buf.as_slice()).unwrap();
+        assert_eq!(wm, 42);
+        assert_eq!(back.len(), 300);
+        assert_eq!(
+            back.search(&data[7], 1, 32, None)[0],
+            h.search(&data[7], 1, 32, None)[0]
+        );
+        assert!(Hnsw::read_from(&mut &buf[..20]).is_err());
+    }
+}

@@ -1,0 +1,399 @@
+//! The full-text half of the recall index: tantivy (BM25), with the filter fields
+//! (space, kind, tags, access tokens, writer tokens, validity, positions) indexed
+//! beside the text, so that visibility, trust and time filters run inside the
+//! index, before scoring: a reader never gets a score, a rank or a count for a
+//! memory it may not see.
+//!
+//! Documents are keyed by the memory's creation position (`seq`). The memory-log
+//! watermark this index reflects travels in tantivy's commit payload, so the
+//! index content and its watermark are committed atomically.
+
+use concord_core::memory::{access_tokens, writer_tokens, Visibility};
+use concord_store::StoredMemory;
+use std::ops::Bound;
+use std::path::Path;
+use tantivy::collector::{Collector, SegmentCollector, TopDocs};
+use tantivy::query::{
+    AllQuery, BooleanQuery, ConstScoreQuery, Occur, Query, RangeQuery, TermQuery, TermSetQuery,
+};
+use tantivy::schema::{
+    Field, IndexRecordOption, NumericOptions, Schema, TextFieldIndexing, TextOptions, FAST,
+    INDEXED, STRING,
+};
+use tantivy::{
+    DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, TantivyDocument,
+    Term,
+};
+
+/// Open-ended times and positions are stored as this, so "still open" is a term.
+pub const OPEN: i64 = i64::MAX;
+/// The writer's indexing memory: tantivy's minimum. Passes are small (what was
+/// written since the last one) and each commit starts a new segment whose arena
+/// is sized by this budget, so a larger one only costs zeroed pages per commit.
+const WRITER_BYTES: usize = 15_000_000;
+
+#[derive(Clone, Copy)]
+pub struct Fields {
+    pub text: Field,
+    pub seq: Field,
+    pub space: Field,
+    pub kind: Field,
+    pub tags: Field,
+    pub acl: Field,
+    pub writer: Field,
+    pub created_at: Field,
+    pub valid_at: Field,
+    pub invalid_at: Field,
+    pub closed_seq: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    // Frequencies, no positions: BM25 needs no more, and the index stays small.
+    let text = b.add_text_field(
+        "text",
+        TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer("default")
+                .set_index_option(IndexRecordOption::WithFreqs),
+        ),
+    );
+    let num = || NumericOptions::from(INDEXED | FAST);
+    let f = Fields {
+        text,
+        seq: b.add_i64_field("seq", num()),
+        space: b.add_text_field("space", STRING),
+        kind: b.add_text_field("kind", STRING),
+        tags: b.add_text_field("tags", STRING),
+        acl: b.add_text_field("acl", STRING),
+        writer: b.add_text_field("writer", STRING),
+        created_at: b.add_i64_field("created_at", num()),
+        valid_at: b.add_i64_field("valid_at", num()),
+        invalid_at: b.add_i64_field("invalid_at", num()),
+        closed_seq: b.add_i64_field("closed_seq", num()),
+    };
+    (b.build(), f)
+}
+
+pub struct TextIndex {
+    pub fields: Fields,
+    index: Index,
+    writer: IndexWriter,
+    reader: IndexReader,
+    watermark: i64,
+}
+
+fn terr(e: tantivy::TantivyError) -> concord_core::Error {
+    concord_core::Error::internal(format!("recall index: {e}"))
+}
+
+impl TextIndex {
+    /// Opens the index in `dir` (creating it; recreating it if it cannot be read:
+    /// it is derived, the store rebuilds it), or in memory without a dir.
+    pub fn open(dir: Option<&Path>) -> concord_core::Result<TextIndex> {
+        let (schema, fields) = schema();
+        let index = match dir {
+            None => Index::create_in_ram(schema),
+            Some(d) => match Self::open_dir(d, &schema) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(dir = %d.display(), "recall index unreadable ({e}); rebuilding it from the memory log");
+                    let _ = std::fs::remove_dir_all(d);
+                    Self::open_dir(d, &schema).map_err(terr)?
+                }
+            },
+        };
+        let watermark = index
+            .load_metas()
+            .map_err(terr)?
+            .payload
+            .and_then(|p| p.parse::<i64>().ok())
+            .unwrap_or(0);
+        let writer = index
+            .writer_with_num_threads(1, WRITER_BYTES)
+            .map_err(terr)?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(terr)?;
+        Ok(TextIndex {
+            fields,
+            index,
+            writer,
+            reader,
+            watermark,
+        })
+    }
+
+    fn open_dir(d: &Path, schema: &Schema) -> tantivy::Result<Index> {
+        std::fs::create_dir_all(d)?;
+        let dir = tantivy::directory::MmapDirectory::open(d)
+            .map_err(|e| tantivy::TantivyError::SystemError(e.to_string()))?;
+        let index = Index::open_or_create(dir, schema.clone())?;
+        // A stale schema (an older build) would fail every query: rebuild instead.
+        if index.schema() != *schema {
+            return Err(tantivy::TantivyError::SchemaError("schema changed".into()));
+        }
+        Ok(index)
+    }
+
+    /// The memory-log position this index reflects, as last committed.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Replaces the memory's document (or removes it, once purged).
+    pub fn stage(&mut self, m: &StoredMemory) -> concord_core::Result<()> {
+        let f = self.fields;
+        let mem = &m.memory;
+        self.writer
+            .delete_term(Term::from_field_i64(f.seq, mem.seq));
+        if mem.purged {
+            return Ok(());
+        }
+        let mut doc = TantivyDocument::default();
+        doc.add_text(f.text, &mem.text);
+        doc.add_i64(f.seq, mem.seq);
+        doc.add_text(f.space, &mem.space);
+        doc.add_text(f.kind, &mem.kind);
+        for t in &mem.tags {
+            doc.add_text(f.tags, t);
+        }
+        let vis = Visibility::parse("visibility", &mem.visibility).unwrap_or(Visibility::Private);
+        for t in access_tokens(&vis, &m.owner) {
+            doc.add_text(f.acl, t);
+        }
+        for t in writer_tokens(
+            mem.provenance.entity.as_deref(),
+            mem.provenance.instance.as_deref(),
+        ) {
+            doc.add_text(f.writer, t);
+        }
+        doc.add_i64(f.created_at, mem.created_at.millis());
+        doc.add_i64(f.valid_at, mem.valid_at.millis());
+        doc.add_i64(
+            f.invalid_at,
+            mem.invalid_at.map(|t| t.millis()).unwrap_or(OPEN),
+        );
+        doc.add_i64(f.closed_seq, m.closed_seq.unwrap_or(OPEN));
+        self.writer.add_document(doc).map_err(terr)?;
+        Ok(())
+    }
+
+    /// Commits what was staged with the new watermark and makes it searchable.
+    pub fn commit(&mut self, watermark: i64) -> concord_core::Result<()> {
+        let mut prepared = self.writer.prepare_commit().map_err(terr)?;
+        prepared.set_payload(&watermark.to_string());
+        prepared.commit().map_err(terr)?;
+        self.reader.reload().map_err(terr)?;
+        self.watermark = watermark;
+        Ok(())
+    }
+
+    /// Empties the index (its watermark back to 0).
+    pub fn clear(&mut self) -> concord_core::Result<()> {
+        self.writer.delete_all_documents().map_err(terr)?;
+        self.commit(0)
+    }
+
+    pub fn reader(&self) -> IndexReader {
+        self.reader.clone()
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+}
+
+// ---------- queries ----------
+
+pub fn term(field: Field, s: &str) -> Box<dyn Query> {
+    Box::new(TermQuery::new(
+        Term::from_field_text(field, s),
+        IndexRecordOption::Basic,
+    ))
+}
+
+pub fn any_of(field: Field, values: &[String]) -> Box<dyn Query> {
+    Box::new(TermSetQuery::new(
+        values.iter().map(|v| Term::from_field_text(field, v)),
+    ))
+}
+
+pub fn range(field: Field, lo: Bound<i64>, hi: Bound<i64>) -> Box<dyn Query> {
+    let t = |b: Bound<i64>| match b {
+        Bound::Included(v) => Bound::Included(Term::from_field_i64(field, v)),
+        Bound::Excluded(v) => Bound::Excluded(Term::from_field_i64(field, v)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    Box::new(RangeQuery::new(t(lo), t(hi)))
+}
+
+pub fn eq_i64(field: Field, v: i64) -> Box<dyn Query> {
+    Box::new(TermQuery::new(
+        Term::from_field_i64(field, v),
+        IndexRecordOption::Basic,
+    ))
+}
+
+pub fn all(clauses: Vec<Box<dyn Query>>) -> Box<dyn Query> {
+    if clauses.is_empty() {
+        return Box::new(AllQuery);
+    }
+    Box::new(BooleanQuery::new(
+        clauses.into_iter().map(|q| (Occur::Must, q)).collect(),
+    ))
+}
+
+pub fn either(clauses: Vec<Box<dyn Query>>) -> Box<dyn Query> {
+    Box::new(BooleanQuery::new(
+        clauses.into_iter().map(|q| (Occur::Should, q)).collect(),
+    ))
+}
+
+pub fn but_not(q: Box<dyn Query>, not: Box<dyn Query>) -> Box<dyn Query> {
+    Box::new(BooleanQuery::new(vec![
+        (Occur::Must, q),
+        (Occur::MustNot, not),
+    ]))
+}
+
+/// BM25 over the query's words (each word a term: operators in user text are
+/// just words), restricted to the filter, which does not score.
+pub fn text_query(
+    idx: &Index,
+    f: &Fields,
+    text: &str,
+    filter: Box<dyn Query>,
+) -> Option<Box<dyn Query>> {
+    let mut analyzer = idx.tokenizer_for_field(f.text).ok()?;
+    let mut words: Vec<String> = Vec::new();
+    let mut stream = analyzer.token_stream(text);
+    while stream.advance() {
+        words.push(stream.token().text.clone());
+    }
+    words.sort();
+    words.dedup();
+    if words.is_empty() {
+        return None;
+    }
+    let terms: Vec<(Occur, Box<dyn Query>)> = words
+        .iter()
+        .map(|w| {
+            (
+                Occur::Should,
+                Box::new(TermQuery::new(
+                    Term::from_field_text(f.text, w),
+                    IndexRecordOption::WithFreqs,
+                )) as Box<dyn Query>,
+            )
+        })
+        .collect();
+    Some(Box::new(BooleanQuery::new(vec![
+        (
+            Occur::Must,
+            Box::new(BooleanQuery::new(terms)) as Box<dyn Query>,
+        ),
+        (Occur::Must, Box::new(ConstScoreQuery::new(filter, 0.0))),
+    ])))
+}
+
+/// Top `k` by BM25: (seq, score, created_at).
+pub fn top_bm25(
+    reader: &IndexReader,
+    q: &dyn Query,
+    k: usize,
+) -> concord_core::Result<Vec<(i64, f32, i64)>> {
+    let searcher = reader.searcher();
+    let top = searcher
+        .search(q, &TopDocs::with_limit(k).order_by_score())
+        .map_err(terr)?;
+    let mut out = Vec::with_capacity(top.len());
+    for (score, addr) in top {
+        let seg = searcher.segment_reader(addr.segment_ord);
+        let ff = seg.fast_fields();
+        let seq = ff.i64("seq").map_err(terr)?.first(addr.doc_id);
+        let created = ff.i64("created_at").map_err(terr)?.first(addr.doc_id);
+        if let (Some(s), Some(c)) = (seq, created) {
+            out.push((s, score, c));
+        }
+    }
+    Ok(out)
+}
+
+/// Newest first (no query text, no vector): (seq, created_at).
+pub fn newest(
+    reader: &IndexReader,
+    q: &dyn Query,
+    k: usize,
+) -> concord_core::Result<Vec<(i64, i64)>> {
+    let mut all = matching(reader, q)?;
+    all.sort_by_key(|e| std::cmp::Reverse(e.0));
+    all.truncate(k);
+    Ok(all)
+}
+
+/// Every (seq, created_at) the filter admits: the allowed set of a vector search.
+pub fn matching(reader: &IndexReader, q: &dyn Query) -> concord_core::Result<Vec<(i64, i64)>> {
+    reader.searcher().search(q, &SeqCollector).map_err(terr)
+}
+
+struct SeqCollector;
+struct SeqSegment {
+    seq: tantivy::columnar::Column<i64>,
+    created: tantivy::columnar::Column<i64>,
+    out: Vec<(i64, i64)>,
+}
+
+impl Collector for SeqCollector {
+    type Fruit = Vec<(i64, i64)>;
+    type Child = SeqSegment;
+    fn for_segment(&self, _: u32, seg: &SegmentReader) -> tantivy::Result<SeqSegment> {
+        let ff = seg.fast_fields();
+        Ok(SeqSegment {
+            seq: ff.i64("seq")?,
+            created: ff.i64("created_at")?,
+            out: Vec::new(),
+        })
+    }
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+    fn merge_fruits(&self, fruits: Vec<Vec<(i64, i64)>>) -> tantivy::Result<Vec<(i64, i64)>> {
+        Ok(fruits.into_iter().flatten().collect())
+    }
+}
+
+impl SegmentCollector for SeqSegment {
+    type Fruit = Vec<(i64, i64)>;
+    fn collect(&mut self, doc: DocId, _: Score) {
+        if let (Some(s), Some(c)) = (self.seq.first(doc), self.created.first(doc)) {
+            self.out.push((s, c));
+        }
+    }
+    fn harvest(self) -> Vec<(i64, i64)> {
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_keeps_documents_and_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut t = TextIndex::open(Some(dir.path())).unwrap();
+            let mut doc = TantivyDocument::default();
+            doc.add_text(t.fields.text, "hello");
+            doc.add_i64(t.fields.seq, 1);
+            t.writer.add_document(doc).unwrap();
+            t.commit(7).unwrap();
+        }
+        let t = TextIndex::open(Some(dir.path())).unwrap();
+        assert_eq!(t.watermark(), 7);
+        assert_eq!(t.reader().searcher().num_docs(), 1);
+    }
+}
