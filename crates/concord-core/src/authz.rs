@@ -79,6 +79,7 @@ pub enum Action {
     TaskWork,
     TaskCancel,
     ScheduleWrite,
+    WhoAmI,
 }
 
 use Grant::*;
@@ -113,6 +114,7 @@ impl Action {
         Action::TaskWork,
         Action::TaskCancel,
         Action::ScheduleWrite,
+        Action::WhoAmI,
     ];
 
     /// The table.
@@ -127,7 +129,8 @@ impl Action {
             | Action::StateRead
             | Action::StatusRead
             | Action::EventRead
-            | Action::TaskRead => READ_ALL,
+            | Action::TaskRead
+            | Action::WhoAmI => READ_ALL,
             Action::TaskEnqueue | Action::TaskCancel => &[Admin, AgentAny, SessionAny],
             // Claims are by instances; the claim token is what completes a task.
             Action::TaskWork => &[Admin, SessionAny],

@@ -36,7 +36,7 @@ pub struct ErrorDetail {
         tasks::enqueue, tasks::enqueue_batch, tasks::claim, tasks::heartbeat, tasks::complete, tasks::complete_batch,
         tasks::fail, tasks::cancel, tasks::get, tasks::list, tasks::queues, tasks::put_schedule, tasks::list_schedules,
         tasks::delete_schedule,
-        system::status, system::healthz, system::readyz, system::metrics, system::openapi,
+        system::status, system::whoami, system::healthz, system::readyz, system::metrics, system::openapi,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Conventions),

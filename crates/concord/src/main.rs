@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod mcp;
 mod output;
 mod serve;
 mod task_cli;
@@ -28,6 +29,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a benchmark suite.
     Bench(bench::BenchArgs),
+    /// Serve the MCP tools on stdio as a registered instance (for an MCP client's config).
+    Mcp(mcp::McpArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Mcp(args) => mcp::run(args).await,
             Command::Client(cmd) => cli::run(cmd).await,
         }
     });

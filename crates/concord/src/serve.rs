@@ -51,6 +51,14 @@ pub struct ServeArgs {
     /// How often retention runs, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub retention_interval_ms: u64,
+    /// Extra `Host` names (or `host:port`) that `/mcp` answers besides loopback and
+    /// the listen address, comma-separated; `*` admits any (no DNS-rebinding guard).
+    #[arg(long, value_delimiter = ',', env = "CONCORD_MCP_ALLOWED_HOSTS")]
+    pub mcp_allowed_hosts: Vec<String>,
+    /// Extra browser origins (`https://app.example:443`, `http://host:*`) that `/mcp`
+    /// answers besides loopback ones, comma-separated; `*` admits any.
+    #[arg(long, value_delimiter = ',', env = "CONCORD_MCP_ALLOWED_ORIGINS")]
+    pub mcp_allowed_origins: Vec<String>,
 }
 
 /// The default data directory, shared by `serve` and the CLI's discovery.
@@ -176,6 +184,25 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }
     }
 
+    let mut mcp_allowed_hosts: Vec<String> = concord_server::MCP_DEFAULT_ALLOWED_HOSTS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // A specific listen address is reached by its literal IP: admitting it opens no
+    // door to DNS rebinding, which needs a name.
+    if !args.listen.ip().is_unspecified() {
+        mcp_allowed_hosts.push(args.listen.ip().to_string());
+    }
+    mcp_allowed_hosts.extend(args.mcp_allowed_hosts.iter().map(|h| h.trim().to_string()));
+    let mut mcp_allowed_origins: Vec<String> = concord_server::MCP_DEFAULT_ALLOWED_ORIGINS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    mcp_allowed_origins.extend(
+        args.mcp_allowed_origins
+            .iter()
+            .map(|o| o.trim().to_string()),
+    );
     let config = HubConfig {
         rate_limit_per_s: args.rate_limit,
         rate_limit_burst: args.rate_limit.saturating_mul(2),
@@ -183,6 +210,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         events_max_age_ms: args.events_max_age.saturating_mul(1000),
         events_max_count: args.events_max_count.max(1),
         retention_interval: std::time::Duration::from_millis(args.retention_interval_ms.max(100)),
+        mcp_allowed_hosts,
+        mcp_allowed_origins,
         ..HubConfig::default()
     };
     let hub = Hub::start(store.clone(), config)

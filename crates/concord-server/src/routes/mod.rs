@@ -69,6 +69,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
             axum::routing::put(tasks::put_schedule).delete(tasks::delete_schedule),
         )
         .route("/v1/status", get(system::status))
+        .route("/v1/whoami", get(system::whoami))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))

@@ -16,6 +16,7 @@ pub struct Hub {
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     extra: Vec<String>,
+    listen: String,
 }
 
 fn wait_for_file(path: &Path, child: &mut Child) -> String {
@@ -53,6 +54,7 @@ impl Hub {
             dir,
             _tmp: Some(tmp),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            listen: "127.0.0.1:0".into(),
         };
         hub.spawn();
         hub
@@ -62,7 +64,7 @@ impl Hub {
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.dir.join("hub.url"));
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        cmd.args(["serve", "--listen", &self.listen, "--data-dir"])
             .arg(&self.dir)
             .args(["--durability", "normal"])
             .args(&self.extra)
@@ -79,6 +81,13 @@ impl Hub {
             .trim()
             .to_string();
         self.child = Some(child);
+    }
+
+    /// Starts again on the same data dir and the same address, as a hub that was
+    /// restarted in place: clients that knew its URL reach it again.
+    pub fn respawn_same_port(&mut self) {
+        self.listen = self.url.trim_start_matches("http://").to_string();
+        self.spawn();
     }
 
     pub fn kill9(&mut self) {

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod events;
+mod mcp;
 mod primaries;
 mod queue;
 mod tokens;
