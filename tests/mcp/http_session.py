@@ -41,6 +41,7 @@ async def scenario():
         bad = err(await p.call_tool("publish", {"topic": "a..b"}), "bad_request", "a bad topic")
         check(bad["details"]["field"] == "topic", "the hub names the field", bad)
         err(await p.call_tool("publish", {"topic": "x", "dta": 1}), "bad_request", "an unknown argument")
+        err(await p.call_tool("publish", {"topic": "sys.fake", "data": 1}), "forbidden", "publishing on the hub's own topics")
         try:
             await p.call_tool("no_such_tool", {})
             raise AssertionError("an unknown tool should be a protocol error")

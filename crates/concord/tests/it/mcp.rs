@@ -4,8 +4,8 @@
 //! in `tests/mcp/` at the repository root; this module starts the hub, prepares
 //! what they need, runs them and checks their exit status and output.
 //!
-//! Python with `mcp` comes from `.venv` at the repository root (`.ci/run` creates
-//! it), else `python3` on PATH. Without it the Python tests skip with a notice on
+//! Python with `mcp` is `$CONCORD_PYTHON`, else `.venv` at the repository root
+//! (`.ci/run` creates it), else `python3` on PATH. Without it the Python tests skip with a notice on
 //! stderr, and fail when `CONCORD_REQUIRE_ALL=1`. The HTTP-level checks of bad
 //! requests need no Python.
 
@@ -35,8 +35,12 @@ fn require_all() -> bool {
 
 /// A Python that can `import mcp` (2.x), or None after saying why on stderr.
 fn python(test: &str) -> Option<PathBuf> {
-    let venv = repo_root().join(".venv/bin/python");
-    let candidates = [venv, PathBuf::from("python3")];
+    let mut candidates: Vec<PathBuf> = std::env::var_os("CONCORD_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    candidates.push(repo_root().join(".venv/bin/python"));
+    candidates.push(PathBuf::from("python3"));
     let mut why = Vec::new();
     for py in candidates {
         let probe = Command::new(&py)
