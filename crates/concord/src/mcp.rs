@@ -318,9 +318,22 @@ impl Agent for Bridge {
                         .into(),
                 )
             }
-            ErrorCode::UnknownInstance | ErrorCode::Unauthorized => {
+            // Only about this bridge's own instance: a message to some other unknown
+            // instance says nothing about ours.
+            ErrorCode::UnknownInstance | ErrorCode::Unauthorized
+                if error.code == ErrorCode::Unauthorized
+                    || self.read(|s| {
+                        s.current
+                            .as_ref()
+                            .is_some_and(|c| error.details["instance"] == c.id.as_str())
+                    }) =>
+            {
                 self.wake.notify_one();
-                Some("concord mcp is registering this agent again; call whoami to see the new instance".into())
+                Some(
+                    "the hub no longer knows this instance; concord mcp is registering it \
+                     again: call whoami to see the new instance id"
+                        .into(),
+                )
             }
             _ => None,
         }

@@ -488,3 +488,55 @@ async fn mcp_allowed_hosts_are_configurable() {
         assert_eq!(status, want, "{host}: {body}");
     }
 }
+
+/// `concord mcp` closes its instance on SIGTERM (not only when stdin closes), and
+/// refuses at once to start with a token the hub rejects.
+#[tokio::test]
+async fn bridge_closes_its_instance_on_a_signal_and_fails_fast_on_a_bad_token() {
+    let hub = Hub::start();
+    let admin = hub.admin();
+    let token = agent_token(&admin, "crew").await;
+    let bridge = |token: &str, label: &str| {
+        Command::new(BIN)
+            .args(["mcp", "--entity", "crew", "--label", label])
+            .args(["--hub", &hub.url, "--token", token])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start concord mcp")
+    };
+
+    let bad = bridge("cnc_not_a_token", "nope");
+    let out = tokio::task::spawn_blocking(move || {
+        wait_bounded(bad, Duration::from_secs(30), "concord mcp with a bad token")
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unauthorized"), "{stderr}");
+
+    // stdin stays open: only the signal ends it.
+    let child = bridge(&token, "signalled");
+    let live = eventually(Duration::from_secs(20), "the bridge registered", || async {
+        instances_of(&admin, "crew")
+            .await
+            .into_iter()
+            .find(|i| i.label.as_deref() == Some("signalled") && i.state == InstanceState::Live)
+    })
+    .await;
+    assert_eq!(live.role, Role::Secondary);
+    // SAFETY: kill(2) on the pid of a child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = tokio::task::spawn_blocking(move || {
+        wait_bounded(child, Duration::from_secs(30), "concord mcp after SIGTERM")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(out.stdout.is_empty(), "stdout is the MCP channel only");
+    let closed = admin.get_instance(&live.id).await.unwrap();
+    assert_eq!(closed.state, InstanceState::Closed, "{stderr}");
+}
