@@ -1,5 +1,6 @@
-"""remember / recall / forget through the MCP tools (stdio bridges and /mcp),
-against the hub's /v1/memories. Run only when the hub has those routes.
+"""remember / recall / forget and the concord://memory/{id} resource through
+`concord mcp` bridges, against the hub's /v1/memories. Run only when the hub has
+those routes.
 
 Env: CONCORD_BIN, CONCORD_HUB, CONCORD_AGENT_TOKEN (agent token of CONCORD_ENTITY).
 """
@@ -26,6 +27,9 @@ async def scenario():
         hits = ok(await lead.call_tool("recall", {"query": "kimi", "limit": 10}), "recall everywhere")
         ids = [h["memory"]["id"] for h in hits["results"]]
         check(shared["id"] in ids and scratch["id"] not in ids, "shared is visible, another's scratch is not", ids)
+
+        res = await tab.read_resource(f"concord://memory/{m['id']}")
+        check("03:00" in res.contents[0].text, "the memory resource", res)
 
         ok(await lead.call_tool("forget", {"id": m["id"]}), "forget")
         hits = ok(await tab.call_tool("recall", {"query": "kimi provider drops", "spaces": ["entity"]}), "recall after forget")

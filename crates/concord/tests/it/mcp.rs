@@ -250,7 +250,6 @@ async fn mcp_memory_tools() {
         ("CONCORD_HUB", hub.url.clone()),
         ("CONCORD_AGENT_TOKEN", token),
         ("CONCORD_ENTITY", "sisters".to_string()),
-        ("CONCORD_MCP_URL", format!("{}/mcp", hub.url)),
     ];
     tokio::task::spawn_blocking(move || run_script(&py, "memory.py", &env))
         .await
