@@ -12,7 +12,9 @@ pub use memory::memory;
 
 use concord_core::api::*;
 use concord_core::{Error, ErrorCode, Result};
-use reqwest::Method;
+/// The method type of [`Client::call`], so callers of the generic call need no
+/// reqwest dependency of their own.
+pub use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -29,7 +31,8 @@ pub struct Client {
     token: Option<String>,
 }
 
-pub(crate) fn pct(s: &str) -> String {
+/// Percent-encodes one path segment (an id or a name) for [`Client::call`].
+pub fn pct(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -433,6 +436,9 @@ impl Client {
     // ----- system -----
     pub async fn status(&self) -> Result<HubStatus> {
         self.get("/v1/status").await
+    }
+    pub async fn whoami(&self) -> Result<WhoAmI> {
+        self.get("/v1/whoami").await
     }
     pub async fn healthz(&self) -> Result<Value> {
         self.get("/healthz").await

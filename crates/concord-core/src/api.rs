@@ -56,6 +56,18 @@ pub struct TokenList {
     pub tokens: Vec<TokenInfo>,
 }
 
+/// `GET /v1/whoami`: what the hub makes of the caller's token. An agent that was
+/// handed a token (say, in an MCP client's config) can ask who it acts as.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct WhoAmI {
+    pub token_id: String,
+    pub kind: TokenKind,
+    /// Agent tokens: the entity they are bound to. Session tokens: the instance's entity.
+    pub entity: Option<String>,
+    /// Session tokens: the instance they are bound to.
+    pub instance: Option<String>,
+}
+
 // ---------- instances ----------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, Default)]

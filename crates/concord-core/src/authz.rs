@@ -89,6 +89,7 @@ pub enum Action {
     CircleWrite,
     ForkRead,
     ForkPromote,
+    WhoAmI,
 }
 
 use Grant::*;
@@ -133,6 +134,7 @@ impl Action {
         Action::CircleWrite,
         Action::ForkRead,
         Action::ForkPromote,
+        Action::WhoAmI,
     ];
 
     /// Writes to shared state that a ghost (an unlabelled secondary or fork) may not
@@ -169,6 +171,7 @@ impl Action {
             Action::TaskEnqueue | Action::TaskCancel | Action::Dispatch => {
                 &[Admin, AgentAny, SessionAny]
             }
+            Action::WhoAmI => READ_ALL,
             // Claims are by instances; the claim token is what completes a task.
             Action::TaskWork => &[Admin, SessionAny],
             Action::TaskClaim => &[SessionAny],

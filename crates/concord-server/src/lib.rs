@@ -11,6 +11,7 @@ mod dispatch;
 mod error;
 mod extract;
 mod limits;
+mod mcp;
 mod metrics;
 mod openapi;
 mod presence;
@@ -21,6 +22,10 @@ mod tail;
 
 pub use error::{ApiError, ApiResult};
 pub use routes::table::{RouteRule, Subject, ROUTES};
+pub use mcp::{
+    DEFAULT_ALLOWED_HOSTS as MCP_DEFAULT_ALLOWED_HOSTS,
+    DEFAULT_ALLOWED_ORIGINS as MCP_DEFAULT_ALLOWED_ORIGINS,
+};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -29,7 +34,8 @@ use axum::Router;
 use concord_core::Error;
 use concord_store::DynStore;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -59,6 +65,10 @@ pub struct HubConfig {
     /// Open SSE streams and long-polls allowed per token.
     pub max_streams_per_token: usize,
     pub max_long_polls_per_token: usize,
+    /// `Host` values `/mcp` answers (DNS-rebinding guard); `*` admits any.
+    pub mcp_allowed_hosts: Vec<String>,
+    /// Browser `Origin`s `/mcp` answers (requests without one always pass); `*` admits any.
+    pub mcp_allowed_origins: Vec<String>,
     /// Live instances one entity may have (None: unlimited).
     pub max_instances_per_entity: Option<u32>,
     /// Shared memory: the recall index's place, the embedder, the write limit.
@@ -113,6 +123,14 @@ impl Default for HubConfig {
             max_long_polls_per_token: 1024,
             max_instances_per_entity: Some(10_000),
             memory: MemoryConfig::default(),
+            mcp_allowed_hosts: mcp::DEFAULT_ALLOWED_HOSTS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            mcp_allowed_origins: mcp::DEFAULT_ALLOWED_ORIGINS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -132,6 +150,9 @@ pub struct AppState {
     pub(crate) bus: tokio::sync::broadcast::Sender<Arc<concord_core::api::Event>>,
     pub(crate) subscribers: bus::SubscriberCount,
     pub memory: MemoryService,
+    /// A client of this hub's own HTTP API (its listen address), set once the
+    /// listener is bound: `/mcp` tools call through it with the caller's token.
+    pub(crate) self_client: OnceLock<concord_client::Client>,
 }
 
 impl AppState {
@@ -186,6 +207,7 @@ impl Hub {
             started: Instant::now(),
             bus: tokio::sync::broadcast::channel(bus::BUS_CAPACITY).0,
             subscribers: bus::SubscriberCount::default(),
+            self_client: OnceLock::new(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let cursor = state.store.last_event_seq().await?;
@@ -218,12 +240,28 @@ impl Hub {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.bound(listener.local_addr()?)?;
         let app = self.router();
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
         self.stop().await;
         result
+    }
+
+    /// Tells the hub where it listens, so it can call its own API (`/mcp` does).
+    /// A wildcard address is reached through loopback.
+    pub fn bound(&self, addr: SocketAddr) -> std::io::Result<()> {
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let url = format!("http://{}", SocketAddr::new(ip, addr.port()));
+        let client = concord_client::Client::new(vec![url], None)
+            .map_err(|e| std::io::Error::other(e.message))?;
+        let _ = self.state.self_client.set(client);
+        Ok(())
     }
 
     pub async fn stop(self) {
@@ -267,6 +305,7 @@ fn panic_response(
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     routes::routes()
+        .merge(mcp::routes(state.clone()))
         .fallback(|| async { ApiError(Error::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
             ApiError(Error::new(

@@ -42,6 +42,7 @@ pub struct ErrorDetail {
         memory::put_trust, memory::get_trust, memory::put_circle, memory::list_circles,
         memory::fork_diff, memory::promote,
         system::status, system::healthz, system::readyz, system::metrics, system::openapi,
+        system::whoami,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Conventions),

@@ -8,6 +8,7 @@ mod bench_memory;
 mod cli;
 mod dispatch_cli;
 mod memory_cli;
+mod mcp;
 mod output;
 mod serve;
 mod task_cli;
@@ -33,6 +34,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a benchmark suite.
     Bench(bench::BenchArgs),
+    /// Serve the MCP tools on stdio as a registered instance (for an MCP client's config).
+    Mcp(mcp::McpArgs),
     #[command(flatten)]
     Client(Box<cli::ClientCommand>),
 }
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Mcp(args) => mcp::run(args).await,
             Command::Client(cmd) => cli::run(*cmd).await,
         }
     });

@@ -77,6 +77,14 @@ pub struct ServeArgs {
     /// Memory writes per second per writer (0 = off), 429 with Retry-After above.
     #[arg(long, default_value_t = 0)]
     pub memory_rate_limit: u32,
+    /// Extra `Host` names (or `host:port`) that `/mcp` answers besides loopback and
+    /// the listen address, comma-separated; `*` admits any (no DNS-rebinding guard).
+    #[arg(long, value_delimiter = ',', env = "CONCORD_MCP_ALLOWED_HOSTS")]
+    pub mcp_allowed_hosts: Vec<String>,
+    /// Extra browser origins (`https://app.example:443`, `http://host:*`) that `/mcp`
+    /// answers besides loopback ones, comma-separated; `*` admits any.
+    #[arg(long, value_delimiter = ',', env = "CONCORD_MCP_ALLOWED_ORIGINS")]
+    pub mcp_allowed_origins: Vec<String>,
 }
 
 /// The default data directory, shared by `serve` and the CLI's discovery.
@@ -176,6 +184,25 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     admin_token(&store, &dir, args.database.is_some()).await?;
 
+    let mut mcp_allowed_hosts: Vec<String> = concord_server::MCP_DEFAULT_ALLOWED_HOSTS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // A specific listen address is reached by its literal IP: admitting it opens no
+    // door to DNS rebinding, which needs a name.
+    if !args.listen.ip().is_unspecified() {
+        mcp_allowed_hosts.push(args.listen.ip().to_string());
+    }
+    mcp_allowed_hosts.extend(args.mcp_allowed_hosts.iter().map(|h| h.trim().to_string()));
+    let mut mcp_allowed_origins: Vec<String> = concord_server::MCP_DEFAULT_ALLOWED_ORIGINS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    mcp_allowed_origins.extend(
+        args.mcp_allowed_origins
+            .iter()
+            .map(|o| o.trim().to_string()),
+    );
     let config = HubConfig {
         rate_limit_per_s: args.rate_limit,
         rate_limit_burst: args.rate_limit.saturating_mul(2),
@@ -192,6 +219,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             embedder: args.embedder.clone().zip(args.embedder_model.clone()),
             write_rate_per_s: args.memory_rate_limit,
         },
+        mcp_allowed_hosts,
+        mcp_allowed_origins,
         ..HubConfig::default()
     };
     let hub = Hub::start(store.clone(), config)

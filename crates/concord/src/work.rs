@@ -89,7 +89,7 @@ async fn register(agent: &Client, args: &WorkArgs) -> Result<Session> {
     })
 }
 
-fn hostname() -> Option<String> {
+pub(crate) fn hostname() -> Option<String> {
     let h = std::fs::read_to_string("/etc/hostname").ok()?;
     let h: String = h
         .trim()
@@ -192,7 +192,7 @@ pub async fn run(args: WorkArgs) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -89,6 +89,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/forks/{id}/diff", get(memory::fork_diff))
         .route("/v1/forks/{id}/promote", post(memory::promote))
         .route("/v1/status", get(system::status))
+        .route("/v1/whoami", get(system::whoami))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))

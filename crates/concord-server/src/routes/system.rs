@@ -4,7 +4,7 @@ use crate::AppState;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use concord_core::api::HubStatus;
+use concord_core::api::{HubStatus, WhoAmI};
 use concord_core::authz::{authorize, Action, Target};
 use std::sync::Arc;
 
@@ -48,6 +48,18 @@ pub(crate) async fn status(
         live_instances: entities.iter().map(|e| e.live_instances).sum(),
         ghosts: ghosts.len() as u64,
         last_event_seq: *s.store.watch_events().borrow(),
+    }))
+}
+
+/// Who the caller's token makes it: kind, entity, instance.
+#[utoipa::path(get, path = "/v1/whoami", tag = "system", responses((status = 200, body = WhoAmI)))]
+pub(crate) async fn whoami(Caller(p): Caller) -> ApiResult<axum::Json<WhoAmI>> {
+    authorize(&p, Action::WhoAmI, Target::default())?;
+    Ok(axum::Json(WhoAmI {
+        token_id: p.token_id,
+        kind: p.kind,
+        entity: p.entity,
+        instance: p.instance,
     }))
 }
 

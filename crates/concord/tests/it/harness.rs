@@ -120,6 +120,13 @@ impl Hub {
         std::fs::read_to_string(self.dir.join("hub.log")).unwrap_or_default()
     }
 
+    /// Starts again on the same data dir and the same address, as a hub that was
+    /// restarted in place: clients that knew its URL reach it again.
+    pub fn respawn_same_port(&mut self) {
+        self.listen = self.url.trim_start_matches("http://").to_string();
+        self.spawn();
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL

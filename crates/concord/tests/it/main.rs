@@ -12,6 +12,7 @@ mod events;
 mod failover;
 mod limits;
 mod memory;
+mod mcp;
 mod primaries;
 mod queue;
 mod replicas;
