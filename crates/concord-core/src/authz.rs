@@ -80,6 +80,13 @@ pub enum Action {
     TaskCancel,
     ScheduleWrite,
     Dispatch,
+    Observe,
+    BreakerRead,
+    BreakerProbe,
+    LeaseAcquire,
+    LeaseRead,
+    LeaseRelease,
+    LeaseForceRelease,
 }
 
 use Grant::*;
@@ -115,6 +122,13 @@ impl Action {
         Action::TaskCancel,
         Action::ScheduleWrite,
         Action::Dispatch,
+        Action::Observe,
+        Action::BreakerRead,
+        Action::BreakerProbe,
+        Action::LeaseAcquire,
+        Action::LeaseRead,
+        Action::LeaseRelease,
+        Action::LeaseForceRelease,
     ];
 
     /// The table.
@@ -129,7 +143,16 @@ impl Action {
             | Action::StateRead
             | Action::StatusRead
             | Action::EventRead
-            | Action::TaskRead => READ_ALL,
+            | Action::TaskRead
+            | Action::BreakerRead
+            | Action::LeaseRead => READ_ALL,
+            // Observations and leases carry the caller's instance as provenance and
+            // holder: only instance sessions have one.
+            Action::Observe
+            | Action::BreakerProbe
+            | Action::LeaseAcquire
+            | Action::LeaseRelease => &[SessionAny],
+            Action::LeaseForceRelease => &[Admin],
             Action::TaskEnqueue | Action::TaskCancel | Action::Dispatch => {
                 &[Admin, AgentAny, SessionAny]
             }
