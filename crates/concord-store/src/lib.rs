@@ -7,13 +7,17 @@
 //! that same transaction. Time for leases comes from the store's clock (the hub's for
 //! SQLite, the database's `now()` for PostgreSQL), so replicas never disagree.
 
+pub mod breaker;
 pub mod dispatch;
+pub mod lease;
 mod model;
 pub mod postgres;
 pub mod queue;
 pub mod sqlite;
 
+pub use breaker::*;
 pub use dispatch::*;
+pub use lease::*;
 pub use model::*;
 pub use queue::*;
 
@@ -30,7 +34,9 @@ use std::sync::Arc;
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
-pub trait Store: EventStore + QueueStore + DispatchStore + Send + Sync + 'static {
+pub trait Store:
+    EventStore + QueueStore + DispatchStore + BreakerStore + LeaseStore + Send + Sync + 'static
+{
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

@@ -1,8 +1,10 @@
 //! The embedded backend: one SQLite file in WAL mode, a group-commit writer thread
 //! ([`writer`]) and a small pool of read connections.
 
+mod breaker;
 mod dispatch;
 mod events;
+mod lease;
 mod ops;
 mod queue;
 mod schema;
