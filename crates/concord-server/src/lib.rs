@@ -57,6 +57,11 @@ pub struct HubConfig {
     /// Open SSE streams and long-polls allowed per token.
     pub max_streams_per_token: usize,
     pub max_long_polls_per_token: usize,
+    /// Circuit-breaker policies per subject pattern (`--breaker`), DESIGN §8.
+    pub breakers: concord_core::breaker::Policies,
+    /// Observations per second one instance may report (0 = unlimited): one
+    /// writer must not be able to flood a window or flip a breaker alone.
+    pub observe_rate_per_s: u32,
 }
 
 impl Default for HubConfig {
@@ -74,6 +79,8 @@ impl Default for HubConfig {
             tasks_retention_ms: 7 * 86_400_000,
             max_streams_per_token: 256,
             max_long_polls_per_token: 1024,
+            breakers: concord_core::breaker::Policies::default(),
+            observe_rate_per_s: 100,
         }
     }
 }
@@ -117,7 +124,8 @@ impl Hub {
                 config.rate_limit_burst,
                 config.max_streams_per_token,
                 config.max_long_polls_per_token,
-            ),
+            )
+            .with_observe_rate(config.observe_rate_per_s),
             store,
             config,
             auth: auth::AuthCache::default(),

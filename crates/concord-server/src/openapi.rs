@@ -3,7 +3,7 @@
 //! project's one error shape, so a fuzzer can check responses against the schema.
 
 use crate::routes::{
-    dispatch, entities, events, instances, messages, state, system, tasks, tokens,
+    breakers, dispatch, entities, events, instances, leases, messages, state, system, tasks, tokens,
 };
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -38,6 +38,8 @@ pub struct ErrorDetail {
         tasks::enqueue, tasks::enqueue_batch, tasks::claim, tasks::heartbeat, tasks::complete, tasks::complete_batch,
         tasks::fail, tasks::cancel, tasks::get, tasks::list, tasks::queues, tasks::put_schedule, tasks::list_schedules,
         tasks::delete_schedule, dispatch::create, dispatch::get,
+        breakers::observe, breakers::list, breakers::get, breakers::probe,
+        leases::acquire, leases::renew, leases::release, leases::list,
         system::status, system::healthz, system::readyz, system::metrics, system::openapi,
     ),
     components(schemas(ErrorBody, ErrorDetail)),

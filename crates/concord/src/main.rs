@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod coordination_cli;
 mod dispatch_cli;
 mod output;
 mod serve;
