@@ -3,10 +3,12 @@
 mod harness;
 
 mod bad_input;
+mod breakers;
 mod cli;
 mod crash;
 mod dispatch;
 mod events;
+mod leases;
 mod primaries;
 mod queue;
 mod tokens;
