@@ -6,6 +6,7 @@
 //! on `ErrorCode::Fenced` rather than on status numbers. A hub that cannot be
 //! reached at all is `ErrorCode::Unavailable` with a message saying so.
 
+mod coordination;
 mod tasks;
 mod memory;
 pub use memory::memory;

@@ -769,3 +769,13 @@ pub struct DispatchView {
     pub deadline: Timestamp,
     pub finished_at: Option<Timestamp>,
 }
+
+// ---------- breakers and leases (wire types live with their rules) ----------
+
+pub use crate::breaker::{
+    BreakerList, BreakerState, BreakerView, ObservationBatch, ObservationRequest, ObserveBody,
+    Observed, Outcome, ProbeResponse,
+};
+pub use crate::lease::{
+    AcquireLeaseRequest, Lease, LeaseEnvelope, LeaseList, LeaseMode, RenewLeaseRequest,
+};

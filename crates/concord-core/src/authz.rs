@@ -90,6 +90,13 @@ pub enum Action {
     ForkRead,
     ForkPromote,
     WhoAmI,
+    Observe,
+    BreakerRead,
+    BreakerProbe,
+    LeaseAcquire,
+    LeaseRead,
+    LeaseRelease,
+    LeaseForceRelease,
 }
 
 use Grant::*;
@@ -135,6 +142,13 @@ impl Action {
         Action::ForkRead,
         Action::ForkPromote,
         Action::WhoAmI,
+        Action::Observe,
+        Action::BreakerRead,
+        Action::BreakerProbe,
+        Action::LeaseAcquire,
+        Action::LeaseRead,
+        Action::LeaseRelease,
+        Action::LeaseForceRelease,
     ];
 
     /// Writes to shared state that a ghost (an unlabelled secondary or fork) may not
@@ -167,7 +181,16 @@ impl Action {
             | Action::StateRead
             | Action::StatusRead
             | Action::EventRead
-            | Action::TaskRead => READ_ALL,
+            | Action::TaskRead
+            | Action::BreakerRead
+            | Action::LeaseRead => READ_ALL,
+            // Observations and leases carry the caller's instance as provenance and
+            // holder: only instance sessions have one.
+            Action::Observe
+            | Action::BreakerProbe
+            | Action::LeaseAcquire
+            | Action::LeaseRelease => &[SessionAny],
+            Action::LeaseForceRelease => &[Admin],
             Action::TaskEnqueue | Action::TaskCancel | Action::Dispatch => {
                 &[Admin, AgentAny, SessionAny]
             }

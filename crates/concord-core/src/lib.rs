@@ -8,11 +8,13 @@
 pub mod address;
 pub mod api;
 pub mod authz;
+pub mod breaker;
 pub mod dispatch;
 pub mod error;
 pub mod fencing;
 pub mod ids;
 pub mod memory;
+pub mod lease;
 pub mod presence;
 pub mod task;
 pub mod recall;

@@ -65,6 +65,11 @@ pub struct HubConfig {
     /// Open SSE streams and long-polls allowed per token.
     pub max_streams_per_token: usize,
     pub max_long_polls_per_token: usize,
+    /// Circuit-breaker policies per subject pattern (`--breaker`), DESIGN §8.
+    pub breakers: concord_core::breaker::Policies,
+    /// Observations per second one instance may report (0 = unlimited): one
+    /// writer must not be able to flood a window or flip a breaker alone.
+    pub observe_rate_per_s: u32,
     /// `Host` values `/mcp` answers (DNS-rebinding guard); `*` admits any.
     pub mcp_allowed_hosts: Vec<String>,
     /// Browser `Origin`s `/mcp` answers (requests without one always pass); `*` admits any.
@@ -131,6 +136,8 @@ impl Default for HubConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            breakers: concord_core::breaker::Policies::default(),
+            observe_rate_per_s: 100,
         }
     }
 }
@@ -197,7 +204,8 @@ impl Hub {
                 config.rate_limit_burst,
                 config.max_streams_per_token,
                 config.max_long_polls_per_token,
-            ),
+            )
+            .with_observe_rate(config.observe_rate_per_s),
             store,
             config,
             auth: auth::AuthCache::default(),

@@ -13,6 +13,8 @@ pub struct Limits {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     streams: Slots,
     long_polls: Slots,
+    /// Observations per instance (DESIGN §8): a separate budget from requests.
+    observers: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 /// Counts open long-lived requests per token, so one token cannot hold every
@@ -88,6 +90,40 @@ impl Limits {
             limiter,
             streams: slots(max_streams, "event streams"),
             long_polls: slots(max_long_polls, "long-polls"),
+            observers: None,
+        }
+    }
+
+    /// Limits each instance to `per_second` observations (burst: two seconds' worth).
+    pub fn with_observe_rate(mut self, per_second: u32) -> Limits {
+        self.observers = NonZeroU32::new(per_second).map(|rate| {
+            let burst = NonZeroU32::new(per_second.saturating_mul(2)).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        self
+    }
+
+    /// Takes `n` observations from the instance's budget, or 429 naming it.
+    pub fn observe(&self, instance: &str, n: usize) -> Result<()> {
+        let Some(l) = &self.observers else {
+            return Ok(());
+        };
+        let cells =
+            NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        let limited = |ms: u64| {
+            Err(Error::new(
+                ErrorCode::RateLimited,
+                format!("instance {instance} reports observations too fast; retry in {ms} ms"),
+            )
+            .with_details(json!({ "retry_after_ms": ms, "instance": instance })))
+        };
+        match l.check_key_n(&instance.to_string(), cells) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                limited(wait.as_millis().max(1) as u64)
+            }
+            Err(_) => limited(1000),
         }
     }
 
@@ -127,6 +163,9 @@ impl Limits {
     /// Drops idle buckets so the map does not grow with every token ever seen.
     pub fn shrink(&self) {
         if let Some(l) = &self.limiter {
+            l.retain_recent();
+        }
+        if let Some(l) = &self.observers {
             l.retain_recent();
         }
     }

@@ -3,7 +3,7 @@
 //! project's one error shape, so a fuzzer can check responses against the schema.
 
 use crate::routes::{
-    dispatch, entities, events, instances, memory, messages, state, system, tasks, tokens,
+    breakers, dispatch, entities, events, instances, leases, memory, messages, state, system, tasks, tokens,
 };
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -41,6 +41,8 @@ pub struct ErrorDetail {
         memory::write, memory::write_batch, memory::get, memory::update, memory::forget, memory::search,
         memory::put_trust, memory::get_trust, memory::put_circle, memory::list_circles,
         memory::fork_diff, memory::promote,
+        breakers::observe, breakers::list, breakers::get, breakers::probe,
+        leases::acquire, leases::renew, leases::release, leases::list,
         system::status, system::healthz, system::readyz, system::metrics, system::openapi,
         system::whoami,
     ),

@@ -37,6 +37,7 @@ pub(crate) async fn run(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             sweep_durable(&state).await;
             fire_schedules(&state).await;
             finish_dispatches(&state).await;
+            coordination(&state).await;
             state.limits.shrink();
         }
     }
@@ -144,6 +145,22 @@ async fn finish_dispatches(state: &Arc<AppState>) {
         if let Err(e) = crate::dispatch::evaluate(state, &id).await {
             tracing::warn!(dispatch = %id, "dispatch sweep: {e}");
         }
+    }
+}
+
+/// Leases past their TTL end (and say so); open breakers whose time is up are
+/// announced half-open. Every replica may run this at once: each change is made once.
+async fn coordination(state: &Arc<AppState>) {
+    match state.store.expire_leases(256).await {
+        Ok(gone) => {
+            for l in gone {
+                tracing::info!(lease = %l.id, resource = %l.resource, holder = %l.holder, "lease expired");
+            }
+        }
+        Err(e) => tracing::warn!("lease expiry: {e}"),
+    }
+    if let Err(e) = state.store.advance_breakers(&state.config.breakers).await {
+        tracing::warn!("breaker sweep: {e}");
     }
 }
 

@@ -7,15 +7,19 @@
 //! that same transaction. Time for leases comes from the store's clock (the hub's for
 //! SQLite, the database's `now()` for PostgreSQL), so replicas never disagree.
 
+pub mod breaker;
 pub mod dispatch;
 mod memory;
+pub mod lease;
 mod model;
 pub mod postgres;
 pub mod queue;
 pub mod sqlite;
 
+pub use breaker::*;
 pub use dispatch::*;
 pub use memory::*;
+pub use lease::*;
 pub use model::*;
 pub use queue::*;
 
@@ -32,7 +36,9 @@ use std::sync::Arc;
 pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
-pub trait Store: EventStore + QueueStore + DispatchStore + MemoryStore + Send + Sync + 'static {
+pub trait Store:
+    EventStore + QueueStore + DispatchStore + MemoryStore + BreakerStore + LeaseStore + Send + Sync + 'static
+{
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 

@@ -128,6 +128,14 @@ pub enum ClientCommand {
     Schedule(crate::task_cli::ScheduleCmd),
     /// One command to many agents, one answer back (quorum and reducer).
     Dispatch(crate::dispatch_cli::DispatchArgs),
+    /// Report an outcome of a call to a subject (shared circuit breakers).
+    Observe(crate::coordination_cli::ObserveArgs),
+    /// Shared circuit breakers.
+    #[command(subcommand)]
+    Breaker(crate::coordination_cli::BreakerCmd),
+    /// Resource leases (exclusive or shared, names or path globs).
+    #[command(subcommand)]
+    Lease(crate::coordination_cli::LeaseCmd),
     /// Run a command once per task of a queue: `concord work QUEUE -- CMD ARGS…`.
     Work(crate::work::WorkArgs),
     /// Read this instance's inbox (needs the instance's session token).
@@ -461,6 +469,9 @@ pub async fn run(cmd: ClientCommand) -> Result<()> {
         ClientCommand::Schedule(s) => crate::task_cli::schedule(s).await?,
         ClientCommand::Work(w) => crate::work::run(w).await?,
         ClientCommand::Dispatch(d) => crate::dispatch_cli::run(d).await?,
+        ClientCommand::Observe(o) => crate::coordination_cli::observe(o).await?,
+        ClientCommand::Breaker(b) => crate::coordination_cli::breaker(b).await?,
+        ClientCommand::Lease(l) => crate::coordination_cli::lease(l).await?,
         ClientCommand::Token(t) => token(t).await?,
         ClientCommand::State(s) => state(s).await?,
         ClientCommand::Remember {

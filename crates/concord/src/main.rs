@@ -6,6 +6,7 @@ mod bench;
 mod bench_report;
 mod bench_memory;
 mod cli;
+mod coordination_cli;
 mod dispatch_cli;
 mod memory_cli;
 mod mcp;

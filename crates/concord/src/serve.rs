@@ -85,6 +85,17 @@ pub struct ServeArgs {
     /// answers besides loopback ones, comma-separated; `*` admits any.
     #[arg(long, value_delimiter = ',', env = "CONCORD_MCP_ALLOWED_ORIGINS")]
     pub mcp_allowed_origins: Vec<String>,
+    /// Circuit-breaker policy for subjects matching a pattern (repeatable; first match wins):
+    /// 'provider:*=window_ms=60000,min_samples=5,error_rate=0.5,open_ms=30000,min_instances=2,probe_ms=10000'.
+    #[arg(long = "breaker", value_parser = parse_breaker)]
+    pub breakers: Vec<(String, concord_core::breaker::Policy)>,
+    /// Observations per second one instance may report (0 = unlimited).
+    #[arg(long, default_value_t = 100)]
+    pub observe_rate: u32,
+}
+
+fn parse_breaker(s: &str) -> Result<(String, concord_core::breaker::Policy), String> {
+    concord_core::breaker::parse_rule(s).map_err(|e| e.message)
 }
 
 /// The default data directory, shared by `serve` and the CLI's discovery.
@@ -221,6 +232,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         mcp_allowed_hosts,
         mcp_allowed_origins,
+        breakers: concord_core::breaker::Policies {
+            rules: args.breakers.clone(),
+            default: concord_core::breaker::Policy::default(),
+        },
+        observe_rate_per_s: args.observe_rate,
         ..HubConfig::default()
     };
     let hub = Hub::start(store.clone(), config)

@@ -1,11 +1,13 @@
 //! HTTP routes. Each handler extracts, authorizes, calls the store once and shapes
 //! the response; the rules themselves live in concord-core and the store.
 
+pub(crate) mod breakers;
 pub(crate) mod dispatch;
 pub(crate) mod entities;
 pub(crate) mod events;
 pub(crate) mod instances;
 pub(crate) mod memory;
+pub(crate) mod leases;
 pub(crate) mod messages;
 pub(crate) mod state;
 pub(crate) mod system;
@@ -88,6 +90,15 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/circles/{name}", axum::routing::put(memory::put_circle))
         .route("/v1/forks/{id}/diff", get(memory::fork_diff))
         .route("/v1/forks/{id}/promote", post(memory::promote))
+        .route("/v1/observations", post(breakers::observe))
+        .route("/v1/breakers", get(breakers::list))
+        .route(
+            "/v1/breakers/{*rest}",
+            get(breakers::get_any).post(breakers::post_any),
+        )
+        .route("/v1/leases", post(leases::acquire).get(leases::list))
+        .route("/v1/leases/{id}", axum::routing::delete(leases::release))
+        .route("/v1/leases/{id}/renew", post(leases::renew))
         .route("/v1/status", get(system::status))
         .route("/v1/whoami", get(system::whoami))
         .route("/healthz", get(system::healthz))

@@ -407,6 +407,7 @@ async fn end_instance(
         }
     }
     queue::release_claims(t, &inst.id).await?;
+    lease::release_holder(t, &inst.id, reason).await?;
     let topic = match state {
         InstanceState::Closed => topics::INSTANCE_CLOSED,
         _ => topics::INSTANCE_EXPIRED,
@@ -1454,7 +1455,9 @@ pub(crate) async fn last_event_seq<C: GenericClient>(c: &C) -> R<i64> {
     get(&row_one(c, LAST_SEQ_SQL, &[]).await?, 0)
 }
 
+mod breaker;
 mod dispatch;
 mod events;
+mod lease;
 mod queue;
 mod memory;

@@ -289,6 +289,54 @@ CREATE TABLE dispatch_peers (
 );
 "#,
     ),
+    (
+        6,
+        r#"
+CREATE TABLE observations (
+    id          BIGSERIAL PRIMARY KEY,
+    subject     TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    latency_ms  BIGINT,
+    instance    TEXT NOT NULL,
+    entity      TEXT,
+    host        TEXT,
+    detail      TEXT,
+    probe_id    TEXT,
+    recorded_at BIGINT NOT NULL
+);
+CREATE INDEX observations_subject ON observations(subject, recorded_at);
+CREATE TABLE breakers (
+    subject          TEXT COLLATE "C" PRIMARY KEY,
+    state            TEXT NOT NULL,
+    opened_at        BIGINT,
+    retry_at         BIGINT,
+    opened_by        JSON NOT NULL,
+    probe_id         TEXT,
+    probe_expires_at BIGINT,
+    since            BIGINT NOT NULL,
+    updated_at       BIGINT NOT NULL
+);
+CREATE INDEX breakers_open ON breakers(retry_at) WHERE state = 'open';
+CREATE TABLE leases (
+    id              TEXT COLLATE "C" PRIMARY KEY,
+    resource        TEXT NOT NULL,
+    mode            TEXT NOT NULL,
+    holder          TEXT NOT NULL,
+    entity          TEXT,
+    fence           BIGINT NOT NULL,
+    reason          TEXT,
+    idempotency_key TEXT,
+    acquired_at     BIGINT NOT NULL,
+    expires_at      BIGINT NOT NULL,
+    state           TEXT NOT NULL,
+    ended_at        BIGINT
+);
+CREATE INDEX leases_held ON leases(expires_at) WHERE state = 'held';
+CREATE INDEX leases_holder ON leases(holder) WHERE state = 'held';
+CREATE TABLE lease_counter (id INTEGER PRIMARY KEY, fence BIGINT NOT NULL);
+INSERT INTO lease_counter (id, fence) VALUES (1, 0);
+"#,
+    ),
 ];
 
 /// Creates the schema if asked, applies the migrations not yet recorded in

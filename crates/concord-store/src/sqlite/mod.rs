@@ -1,9 +1,11 @@
 //! The embedded backend: one SQLite file in WAL mode, a group-commit writer thread
 //! ([`writer`]) and a small pool of read connections.
 
+mod breaker;
 mod dispatch;
 mod events;
 mod memory;
+mod lease;
 mod ops;
 mod queue;
 mod schema;

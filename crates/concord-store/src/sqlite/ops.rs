@@ -113,7 +113,7 @@ pub(crate) fn ensure_entity(c: &Connection, now: i64, entity: &str) -> Result<()
 }
 
 /// Ends an instance (expired or closed): releases its primary role and says so.
-/// Later features (task claims, resource leases) release theirs here too.
+/// Task claims and resource leases of the instance are released here too.
 fn end_instance(
     c: &Connection,
     now: i64,
@@ -143,6 +143,7 @@ fn end_instance(
         }
     }
     super::queue::release_claims(c, now, &inst.id)?;
+    super::lease::release_holder(c, now, &inst.id, reason)?;
     let topic = match state {
         InstanceState::Closed => topics::INSTANCE_CLOSED,
         _ => topics::INSTANCE_EXPIRED,

@@ -268,6 +268,54 @@ CREATE TABLE dispatch_peers (
 );
 "#,
     ),
+    (
+        6,
+        r#"
+CREATE TABLE observations (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject     TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    latency_ms  INTEGER,
+    instance    TEXT NOT NULL,
+    entity      TEXT,
+    host        TEXT,
+    detail      TEXT,
+    probe_id    TEXT,
+    recorded_at INTEGER NOT NULL
+);
+CREATE INDEX observations_subject ON observations(subject, recorded_at);
+CREATE TABLE breakers (
+    subject          TEXT PRIMARY KEY,
+    state            TEXT NOT NULL,
+    opened_at        INTEGER,
+    retry_at         INTEGER,
+    opened_by        TEXT NOT NULL,
+    probe_id         TEXT,
+    probe_expires_at INTEGER,
+    since            INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+);
+CREATE INDEX breakers_open ON breakers(retry_at) WHERE state = 'open';
+CREATE TABLE leases (
+    id              TEXT PRIMARY KEY,
+    resource        TEXT NOT NULL,
+    mode            TEXT NOT NULL,
+    holder          TEXT NOT NULL,
+    entity          TEXT,
+    fence           INTEGER NOT NULL,
+    reason          TEXT,
+    idempotency_key TEXT,
+    acquired_at     INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    ended_at        INTEGER
+);
+CREATE INDEX leases_held ON leases(expires_at) WHERE state = 'held';
+CREATE INDEX leases_holder ON leases(holder) WHERE state = 'held';
+CREATE TABLE lease_counter (id INTEGER PRIMARY KEY, fence INTEGER NOT NULL);
+INSERT INTO lease_counter (id, fence) VALUES (1, 0);
+"#,
+    ),
 ];
 
 /// Applies the migrations not yet recorded in `schema_migrations`.

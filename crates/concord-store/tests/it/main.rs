@@ -10,6 +10,7 @@
 #[macro_use]
 mod harness;
 
+mod coordination;
 mod events;
 mod instances;
 mod messages;
