@@ -7,8 +7,8 @@
 //! reached at all is `ErrorCode::Unavailable` with a message saying so.
 
 mod coordination;
-mod tasks;
 mod memory;
+mod tasks;
 pub use memory::memory;
 
 use concord_core::api::*;

@@ -166,6 +166,9 @@ impl Action {
                 | Action::TaskClaim
                 | Action::TaskCancel
                 | Action::Dispatch
+                | Action::Observe
+                | Action::BreakerProbe
+                | Action::LeaseAcquire
         )
     }
 
@@ -200,10 +203,9 @@ impl Action {
             Action::TaskClaim => &[SessionAny],
             Action::ScheduleWrite => &[Admin, AgentAny],
             // Memory reads are filtered by visibility at the source, per memory.
-            | Action::MemoryRead
-            | Action::TrustRead
-            | Action::CircleRead
-            | Action::ForkRead => READ_ALL,
+            Action::MemoryRead | Action::TrustRead | Action::CircleRead | Action::ForkRead => {
+                READ_ALL
+            }
             // Which space an instance may write is the store's call (fencing,
             // liveness, labels), in the write's transaction.
             Action::MemoryWrite => &[Admin, SessionAny],

@@ -21,11 +21,11 @@ pub mod routes;
 mod tail;
 
 pub use error::{ApiError, ApiResult};
-pub use routes::table::{RouteRule, Subject, ROUTES};
 pub use mcp::{
     DEFAULT_ALLOWED_HOSTS as MCP_DEFAULT_ALLOWED_HOSTS,
     DEFAULT_ALLOWED_ORIGINS as MCP_DEFAULT_ALLOWED_ORIGINS,
 };
+pub use routes::table::{RouteRule, Subject, ROUTES};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;

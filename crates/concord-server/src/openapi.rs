@@ -3,7 +3,8 @@
 //! project's one error shape, so a fuzzer can check responses against the schema.
 
 use crate::routes::{
-    breakers, dispatch, entities, events, instances, leases, memory, messages, state, system, tasks, tokens,
+    breakers, dispatch, entities, events, instances, leases, memory, messages, state, system,
+    tasks, tokens,
 };
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};

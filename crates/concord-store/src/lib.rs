@@ -9,8 +9,8 @@
 
 pub mod breaker;
 pub mod dispatch;
-mod memory;
 pub mod lease;
+mod memory;
 mod model;
 pub mod postgres;
 pub mod queue;
@@ -18,8 +18,8 @@ pub mod sqlite;
 
 pub use breaker::*;
 pub use dispatch::*;
-pub use memory::*;
 pub use lease::*;
+pub use memory::*;
 pub use model::*;
 pub use queue::*;
 
@@ -37,7 +37,15 @@ pub type DynStore = Arc<dyn Store>;
 
 #[async_trait]
 pub trait Store:
-    EventStore + QueueStore + DispatchStore + MemoryStore + BreakerStore + LeaseStore + Send + Sync + 'static
+    EventStore
+    + QueueStore
+    + DispatchStore
+    + MemoryStore
+    + BreakerStore
+    + LeaseStore
+    + Send
+    + Sync
+    + 'static
 {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;

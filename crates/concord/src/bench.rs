@@ -990,8 +990,21 @@ async fn memory(
     use crate::bench_memory as bm;
     let corpus = Arc::new(bm::Corpus::new());
     let writers = bm::writers(admin, 8).await?;
-    eprintln!("ingesting {} memories ({}-d vectors) in batches of {}…", args.memories, bm::DIM, args.batch);
-    let ing = bm::ingest(&writers, corpus.clone(), args.memories, args.batch.max(1), args.concurrency, !args.no_vectors).await?;
+    eprintln!(
+        "ingesting {} memories ({}-d vectors) in batches of {}…",
+        args.memories,
+        bm::DIM,
+        args.batch
+    );
+    let ing = bm::ingest(
+        &writers,
+        corpus.clone(),
+        args.memories,
+        args.batch.max(1),
+        args.concurrency,
+        !args.no_vectors,
+    )
+    .await?;
     let rate = ing.memories as f64 / ing.seconds;
     let batch_q = bm::quantiles(ing.batch_latency_us.clone());
     let q = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);

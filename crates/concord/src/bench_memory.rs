@@ -161,7 +161,14 @@ impl Corpus {
         );
         m.kind = Some(["learning", "fact", "anti_pattern", "observation"][i % 4].into());
         m.tags = vec![format!("topic-{}", topic % 16), format!("w{}", i % writers)];
-        m.visibility = Some(if i.is_multiple_of(10) { "entity" } else { "public" }.into());
+        m.visibility = Some(
+            if i.is_multiple_of(10) {
+                "entity"
+            } else {
+                "public"
+            }
+            .into(),
+        );
         m.embedding = Some(self.vector(&mut rng, topic, 0.8));
         m
     }

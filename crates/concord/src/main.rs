@@ -3,13 +3,13 @@
 
 mod baselines;
 mod bench;
-mod bench_report;
 mod bench_memory;
+mod bench_report;
 mod cli;
 mod coordination_cli;
 mod dispatch_cli;
-mod memory_cli;
 mod mcp;
+mod memory_cli;
 mod output;
 mod serve;
 mod task_cli;

@@ -101,6 +101,7 @@ pub(crate) async fn renew(
     let ttl = req.and_then(|r| r.ttl_ms).unwrap_or(DEFAULT_TTL_MS);
     lease::validate_ttl("ttl_ms", ttl)?;
     authorize(&p, Action::LeaseAcquire, own(&p))?;
+    require_labelled(&s, &p).await?;
     let lease = s.store.renew_lease(&id, holder(&p)?, ttl).await?;
     Ok(axum::Json(LeaseEnvelope {
         lease,

@@ -32,6 +32,13 @@ pub struct RouteRule {
     pub subject: Subject,
     /// An example body; `{placeholders}` as in the path.
     pub body: &'static str,
+    /// The example is a write outside the caller's own instance, which the store
+    /// refuses to a ghost even where the action itself does not say so (memories:
+    /// the space decides).
+    pub ghost_denied: bool,
+    /// Only the entity's primary (or admin) passes; the store says `forbidden` to
+    /// other instances of the entity.
+    pub primary_only: bool,
 }
 
 const fn r(
@@ -47,6 +54,8 @@ const fn r(
         action: Some(action),
         subject,
         body,
+        ghost_denied: false,
+        primary_only: false,
     }
 }
 
@@ -57,6 +66,8 @@ const fn public(method: &'static str, path: &'static str) -> RouteRule {
         action: None,
         subject: Subject::Public,
         body: "",
+        ghost_denied: false,
+        primary_only: false,
     }
 }
 
@@ -233,6 +244,102 @@ pub const ROUTES: &[RouteRule] = &[
     ),
     r("GET", "/v1/dispatch/{id}", TaskRead, Nothing, ""),
     r("GET", "/v1/status", StatusRead, Nothing, ""),
+    r("GET", "/v1/whoami", WhoAmI, Nothing, ""),
+    RouteRule {
+        ghost_denied: true,
+        ..r(
+            "POST",
+            "/v1/memories",
+            MemoryWrite,
+            Nothing,
+            r#"{"space":"shared:matrix","kind":"note","text":"matrix {caller}","visibility":"public"}"#,
+        )
+    },
+    RouteRule {
+        ghost_denied: true,
+        ..r(
+            "POST",
+            "/v1/memories/batch",
+            MemoryWrite,
+            Nothing,
+            r#"{"memories":[{"space":"shared:matrix","kind":"note","text":"batch {caller}","visibility":"public"}]}"#,
+        )
+    },
+    r(
+        "POST",
+        "/v1/memories/search",
+        MemoryRead,
+        Nothing,
+        r#"{"query":"matrix"}"#,
+    ),
+    r("GET", "/v1/memories/{id}", MemoryRead, Nothing, ""),
+    r(
+        "PUT",
+        "/v1/memories/{id}",
+        MemoryWrite,
+        Nothing,
+        r#"{"text":"changed"}"#,
+    ),
+    r("DELETE", "/v1/memories/{id}", MemoryWrite, Nothing, ""),
+    r("GET", "/v1/trust/{entity}", TrustRead, Entity, ""),
+    RouteRule {
+        primary_only: true,
+        ..r(
+            "PUT",
+            "/v1/trust/{entity}",
+            TrustWrite,
+            Entity,
+            r#"{"trusts":["entity:anvil"]}"#,
+        )
+    },
+    r("GET", "/v1/circles", CircleRead, Nothing, ""),
+    r(
+        "PUT",
+        "/v1/circles/{name}",
+        CircleWrite,
+        Nothing,
+        r#"{"members":["sisters","anvil"]}"#,
+    ),
+    r("GET", "/v1/forks/{id}/diff", ForkRead, Nothing, ""),
+    r(
+        "POST",
+        "/v1/forks/{id}/promote",
+        ForkPromote,
+        Entity,
+        r#"{"memory_ids":["mem_01ARZ3NDEKTSV4RRFFQ69G5FAV"]}"#,
+    ),
+    r(
+        "POST",
+        "/v1/observations",
+        Observe,
+        Caller,
+        r#"{"subject":"provider:matrix","outcome":"ok","latency_ms":5}"#,
+    ),
+    r("GET", "/v1/breakers", BreakerRead, Nothing, ""),
+    r("GET", "/v1/breakers/{subject}", BreakerRead, Nothing, ""),
+    r(
+        "POST",
+        "/v1/breakers/{subject}/probe",
+        BreakerProbe,
+        Caller,
+        "{}",
+    ),
+    r(
+        "POST",
+        "/v1/leases",
+        LeaseAcquire,
+        Caller,
+        r#"{"resource":"matrix:shared","mode":"shared","ttl_ms":60000}"#,
+    ),
+    r("GET", "/v1/leases", LeaseRead, Nothing, ""),
+    r(
+        "POST",
+        "/v1/leases/{id}/renew",
+        LeaseAcquire,
+        Caller,
+        r#"{"ttl_ms":60000}"#,
+    ),
+    r("DELETE", "/v1/leases/{id}", LeaseRelease, Caller, ""),
     public("GET", "/healthz"),
     public("GET", "/readyz"),
     public("GET", "/metrics"),

@@ -1459,5 +1459,5 @@ mod breaker;
 mod dispatch;
 mod events;
 mod lease;
-mod queue;
 mod memory;
+mod queue;

@@ -4,8 +4,8 @@
 mod breaker;
 mod dispatch;
 mod events;
-mod memory;
 mod lease;
+mod memory;
 mod ops;
 mod queue;
 mod schema;

@@ -177,6 +177,12 @@ async fn authorization_matrix() {
                 task.id.clone()
             } else if rule.path.starts_with("/v1/inbox/") {
                 "msg_01ARZ3NDEKTSV4RRFFQ69G5FAV".to_string()
+            } else if rule.path.starts_with("/v1/memories/") {
+                "mem_01ARZ3NDEKTSV4RRFFQ69G5FAV".to_string()
+            } else if rule.path.starts_with("/v1/forks/") {
+                f.instance.id.clone()
+            } else if rule.path.starts_with("/v1/leases/") {
+                "lse_01ARZ3NDEKTSV4RRFFQ69G5FAV".to_string()
             } else {
                 "dsp_01ARZ3NDEKTSV4RRFFQ69G5FAV".to_string()
             };
@@ -188,6 +194,8 @@ async fn authorization_matrix() {
                     .replace("{name}", "sched1")
                     .replace("{instance}", &p.instance.id)
                     .replace("{task}", &task.id)
+                    .replace("{subject}", "provider:matrix")
+                    .replace("{caller}", c.name)
             };
             let url = format!("{}{}", hub.url, fill(rule.path));
             let mut req = http.request(rule.method.parse().unwrap(), &url);
@@ -224,8 +232,12 @@ async fn authorization_matrix() {
                             instance: pr.instance.as_deref(),
                         },
                     };
+                    let primary_only_denied = rule.primary_only
+                        && pr.kind == TokenKind::Session
+                        && pr.instance.as_deref() != Some(p.instance.id.as_str());
                     let allowed = authorize(pr, action, target).is_ok()
-                        && !(c.ghost && action.denies_ghosts());
+                        && !(c.ghost && (action.denies_ghosts() || rule.ghost_denied))
+                        && !primary_only_denied;
                     if allowed {
                         "allowed"
                     } else {

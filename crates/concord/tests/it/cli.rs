@@ -72,6 +72,8 @@ async fn bench_suites_smoke() {
             "50",
             "--concurrency",
             "4",
+            "--memories",
+            "300",
             "--markdown",
         ])
         .arg(&md)
@@ -90,6 +92,8 @@ async fn bench_suites_smoke() {
         "queue-batch-100",
         "events",
         "dispatch-multi-10",
+        "ingest",
+        "recall",
         "http-ceiling",
     ] {
         assert!(text.contains(suite), "no {suite} line in:\n{text}");
