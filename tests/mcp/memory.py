@@ -34,7 +34,7 @@ async def scenario():
         ok(await lead.call_tool("forget", {"id": m["id"]}), "forget")
         hits = ok(await tab.call_tool("recall", {"query": "kimi provider drops", "spaces": ["entity"]}), "recall after forget")
         check(m["id"] not in [h["memory"]["id"] for h in hits["results"]], "forgotten", hits)
-        err(await tab.call_tool("forget", {"id": shared["id"] + "x"}), "not_found", "forgetting what does not exist")
+        err(await tab.call_tool("forget", {"id": "mem_01ARZ3NDEKTSV4RRFFQ69G5FAV"}), "not_found", "forgetting what does not exist")
 
 
 main(scenario)
