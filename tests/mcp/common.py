@@ -38,6 +38,14 @@ TOOLS = [
     "remember",
     "recall",
     "forget",
+    "dispatch",
+    "report_observation",
+    "breaker_status",
+    "request_probe",
+    "acquire_lease",
+    "renew_lease",
+    "release_lease",
+    "list_leases",
 ]
 
 

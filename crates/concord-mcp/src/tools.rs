@@ -449,6 +449,126 @@ fn build() -> Vec<ToolDef> {
                     .await
             },
         ),
+        // ----- dispatch, breakers, leases -----
+        tool(
+            "dispatch",
+            Write,
+            "Ask several agents one question and get one answer back: the command goes to the \
+             live instances matching `select` (entity, capabilities, roles) as targeted tasks, \
+             and their answers are reduced (`first`, `all`, `majority`, `weighted_mean`, \
+             `fedavg`, `best_of`, `union`) under a quorum (`single`, `multi` with min/max, `any`) \
+             and a deadline. Returns the reduced result and who said what.",
+            |cx: Ctx, a: DispatchArgs| async move {
+                cx.client()
+                    .call::<_, Value>(Method::POST, "/v1/dispatch", Some(&a))
+                    .await
+            },
+        ),
+        tool(
+            "report_observation",
+            Write,
+            "Report how a call to an outside dependency went (`subject` such as \
+             `provider:kimi/k2p5`; outcome ok, error or timeout; latency), so the whole fleet \
+             shares one circuit breaker for it. Send `probe_id` when reporting a granted probe.",
+            |cx: Ctx, a: Observation| async move {
+                cx.client()
+                    .call::<_, Value>(Method::POST, "/v1/observations", Some(&a))
+                    .await
+            },
+        ),
+        tool(
+            "breaker_status",
+            Read,
+            "The shared circuit breaker of a subject (closed, open or half_open, error rate, \
+             latency, who tripped it and when to retry), or every breaker (optionally only \
+             those in one `state`) when no subject is given.",
+            |cx: Ctx, a: BreakerStatus| async move {
+                let path = match (&a.subject, &a.state) {
+                    (Some(sub), _) => format!("/v1/breakers/{}", path_of(sub)),
+                    (None, Some(st)) => format!("/v1/breakers?state={}", pct(st)),
+                    (None, None) => "/v1/breakers".to_string(),
+                };
+                cx.client()
+                    .call::<(), Value>(Method::GET, &path, None)
+                    .await
+            },
+        ),
+        tool(
+            "request_probe",
+            Write,
+            "Ask to be the one instance of the fleet that tries a half-open breaker's subject \
+             again. If granted, make one call and report its outcome with the `probe_id`; if \
+             not, the answer says when to ask again.",
+            |cx: Ctx, a: Probe| async move {
+                cx.client()
+                    .call::<_, Value>(
+                        Method::POST,
+                        &format!("/v1/breakers/{}/probe", path_of(&a.subject)),
+                        Some(&json!({})),
+                    )
+                    .await
+            },
+        ),
+        tool(
+            "acquire_lease",
+            Write,
+            "Reserve a resource (a name, or a path glob such as `repo:/src/**`) exclusively or \
+             shared, for `ttl_ms`, with a reason others can read. Fails with lease_conflict \
+             naming the holders when an overlapping exclusive lease exists. The lease's fence \
+             grows with every grant.",
+            |cx: Ctx, a: AcquireLease| async move {
+                cx.client()
+                    .call::<_, Value>(Method::POST, "/v1/leases", Some(&a))
+                    .await
+            },
+        ),
+        tool(
+            "renew_lease",
+            Write,
+            "Extend one of your leases by `ttl_ms` from now.",
+            |cx: Ctx, a: RenewLease| async move {
+                let body = json!({"ttl_ms": a.ttl_ms});
+                cx.client()
+                    .call::<_, Value>(
+                        Method::POST,
+                        &format!("/v1/leases/{}/renew", pct(&a.id)),
+                        Some(&body),
+                    )
+                    .await
+            },
+        ),
+        tool(
+            "release_lease",
+            Write,
+            "Release one of your leases (`lse_…`) so others may take the resource.",
+            |cx: Ctx, a: LeaseId| async move {
+                cx.client()
+                    .call::<(), Value>(Method::DELETE, &format!("/v1/leases/{}", pct(&a.id)), None)
+                    .await
+            },
+        ),
+        tool(
+            "list_leases",
+            Read,
+            "Live leases, optionally only those on a `resource` or held by a `holder` instance.",
+            |cx: Ctx, a: ListLeases| async move {
+                let mut q = Vec::new();
+                if let Some(r) = &a.resource {
+                    q.push(format!("resource={}", pct(r)));
+                }
+                if let Some(h) = &a.holder {
+                    q.push(format!("holder={}", pct(h)));
+                }
+                let qs = if q.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", q.join("&"))
+                };
+                cx.client()
+                    .call::<(), Value>(Method::GET, &format!("/v1/leases{qs}"), None)
+                    .await
+            },
+        ),
     ]
 }
 
@@ -763,6 +883,117 @@ pub struct Forget {
     pub fence: Option<u64>,
 }
 
+/// A path of slash-separated words, each percent-encoded (breaker subjects keep
+/// their slashes: `provider:kimi/k2p5`).
+fn path_of(s: &str) -> String {
+    s.split('/').map(pct).collect::<Vec<_>>().join("/")
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchArgs {
+    /// A word naming the command; peers serve it from queue `dispatch.<command>`.
+    pub command: String,
+    /// What the peers receive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// Which peers: `{"entity": …, "capabilities": [...], "roles": ["primary", "secondary"]}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<Value>,
+    /// `single`, `multi` or `any`.
+    pub quorum: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Deadline in ms (default 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<i64>,
+    /// `{"kind": "majority", "path": "/verdict"}` and the like (default `all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reducer: Option<Value>,
+    /// `fail`, `degraded` or `wait`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_under_min: Option<String>,
+    /// Only idempotent commands are retried on another peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotent: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Observation {
+    /// What was called, e.g. `provider:kimi/k2p5`.
+    pub subject: String,
+    /// `ok`, `error` or `timeout`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The probe this outcome answers, if it was a granted probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerStatus {
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// `closed`, `open` or `half_open` (with no subject).
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    pub subject: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireLease {
+    /// A name or a path glob, e.g. `repo:/src/**`.
+    pub resource: String,
+    /// `exclusive` (default) or `shared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<i64>,
+    /// Why you hold it (others see it in conflicts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewLease {
+    /// The lease id (`lse_…`).
+    pub id: String,
+    pub ttl_ms: i64,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseId {
+    /// The lease id (`lse_…`).
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListLeases {
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// An instance id.
+    #[serde(default)]
+    pub holder: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -808,6 +1039,14 @@ mod tests {
             "remember",
             "recall",
             "forget",
+            "dispatch",
+            "report_observation",
+            "breaker_status",
+            "request_probe",
+            "acquire_lease",
+            "renew_lease",
+            "release_lease",
+            "list_leases",
         ] {
             assert!(find(required).is_some(), "{required} is missing");
         }

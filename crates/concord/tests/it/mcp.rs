@@ -539,3 +539,64 @@ async fn bridge_closes_its_instance_on_a_signal_and_fails_fast_on_a_bad_token() 
     let closed = admin.get_instance(&live.id).await.unwrap();
     assert_eq!(closed.state, InstanceState::Closed, "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_dispatch_breaker_and_lease_tools() {
+    let Some(py) = python("mcp_dispatch_breaker_and_lease_tools") else {
+        return;
+    };
+    let hub = Hub::start_with(&[
+        "--breaker",
+        "provider:*=window_ms=60000,min_samples=4,error_rate=0.5,open_ms=30000,min_instances=2",
+    ]);
+    let admin = hub.admin();
+    let (me, _) = register(&admin, reg("crew", Role::Secondary, Some("asker"))).await;
+    let (other, _) = register(&admin, reg("crew", Role::Secondary, Some("second"))).await;
+    // A real peer answering the dispatch.
+    let mut peer = std::process::Command::new(crate::harness::BIN)
+        .args([
+            "work",
+            "dispatch.review",
+            "--entity",
+            "reviewers",
+            "--label",
+            "reviewer",
+            "--capabilities",
+            "review",
+        ])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "cat > /dev/null; echo '{\"verdict\": \"approve\"}'",
+        ])
+        .env("CONCORD_URL", &hub.url)
+        .env("CONCORD_TOKEN", &hub.admin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::harness::eventually(Duration::from_secs(20), "the peer to register", || {
+        let admin = admin.clone();
+        async move {
+            (!admin
+                .list_instances(Some("reviewers"), None, None)
+                .await
+                .unwrap()
+                .instances
+                .is_empty())
+            .then_some(())
+        }
+    })
+    .await;
+    let env = [
+        ("CONCORD_MCP_URL", format!("{}/mcp", hub.url)),
+        ("CONCORD_TOKEN", me.session_token.clone()),
+        ("CONCORD_ID", me.instance.id.clone()),
+        ("CONCORD_OTHER_TOKEN", other.session_token.clone()),
+    ];
+    let out = tokio::task::spawn_blocking(move || run_script(&py, "coordination.py", &env)).await;
+    let _ = peer.kill();
+    let _ = peer.wait();
+    out.unwrap();
+}
