@@ -247,6 +247,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
+    // Signal handlers go in before the hub says where it is: a SIGTERM that
+    // arrives right after start must shut down cleanly, not kill the process.
+    let shutdown = shutdown_signal()?;
     std::fs::write(dir.join("hub.url"), format!("{url}\n"))?;
     let backend = match &args.database_schema {
         Some(schema) => format!("{}, schema {schema}", store.backend()),
@@ -258,7 +261,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         dir.display(),
         started.elapsed().as_millis()
     );
-    hub.serve(listener, shutdown_signal()).await?;
+    hub.serve(listener, shutdown).await?;
     let _ = std::fs::remove_file(dir.join("hub.url"));
     eprintln!("concord stopped");
     Ok(())
@@ -335,15 +338,15 @@ async fn admin_token(store: &DynStore, dir: &Path, clustered: bool) -> Result<()
     Ok(())
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    eprintln!("shutting down");
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("shutting down");
+    })
 }
