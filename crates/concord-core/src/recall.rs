@@ -21,10 +21,12 @@ pub fn rrf(rank: u32) -> f32 {
 }
 
 /// The recency factor: 1 for a memory created now, ½ after one half-life.
-/// Without a half-life (or for a memory from the future) it is 1.
+/// Without a half-life (or for a memory from the future) it is 1. It never reaches
+/// 0: a very old hit still ranks (last, in its relevance order) instead of tying
+/// with everything else at a score of zero.
 pub fn recency(age_ms: i64, half_life_ms: Option<i64>) -> f32 {
     match half_life_ms {
-        Some(h) if h > 0 && age_ms > 0 => 0.5f64.powf(age_ms as f64 / h as f64) as f32,
+        Some(h) if h > 0 && age_ms > 0 => (0.5f64.powf(age_ms as f64 / h as f64) as f32).max(1e-30),
         _ => 1.0,
     }
 }
@@ -159,6 +161,8 @@ mod tests {
         assert!((recency(2000, Some(1000)) - 0.25).abs() < 1e-6);
         assert_eq!(recency(5000, None), 1.0);
         assert_eq!(recency(-5, Some(10)), 1.0);
+        // Found by the property test: a very old hit must not score zero.
+        assert!(recency(19_000, Some(1)) > 0.0);
         let f = fuse(
             &[(1, 9.0), (2, 8.0)],
             &[],
