@@ -475,6 +475,7 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
             401 => ErrorCode::Unauthorized,
             403 => ErrorCode::Forbidden,
             404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
             413 => ErrorCode::PayloadTooLarge,
             429 => ErrorCode::RateLimited,
             503 => ErrorCode::Unavailable,

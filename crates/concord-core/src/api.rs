@@ -318,7 +318,7 @@ pub struct GhostList {
 pub struct PutStateRequest {
     pub value: Value,
     /// Required for instances: the epoch of your primary grant.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::fencing::deserialize_fence")]
     pub fence: Option<u64>,
     /// Compare-and-set: the write applies only if the key is at this revision (0 = absent).
     #[serde(default)]
@@ -328,7 +328,7 @@ pub struct PutStateRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteStateRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::fencing::deserialize_fence")]
     pub fence: Option<u64>,
     #[serde(default)]
     pub if_revision: Option<i64>,

@@ -567,6 +567,29 @@ mod tests {
             prop_assert!(out.excluded.len() <= answers.len());
         }
 
+        /// Any pointer text a caller can send: validation either refuses it naming
+        /// the field, or every reducer evaluates it over arbitrary JSON without panicking.
+        #[test]
+        fn any_json_pointer_validates_or_evaluates(
+            path in "(/([a-z0-9~]|~0|~1|-){0,4}){0,4}|.{0,12}",
+            kind in 0usize..7,
+            values in proptest::collection::vec(any::<i8>(), 0..6),
+        ) {
+            let kinds = [ReducerKind::First, ReducerKind::All, ReducerKind::Majority, ReducerKind::WeightedMean, ReducerKind::Fedavg, ReducerKind::BestOf, ReducerKind::Union];
+            let mut r = red(kinds[kind], Some(&path));
+            r.score_path = Some(path.clone());
+            r.weight_path = Some(path.clone());
+            r.key_path = Some(path.clone());
+            match r.validate() {
+                Err(e) => prop_assert!(e.details.to_string().contains("reducer.")),
+                Ok(()) => {
+                    let answers: Vec<Answer> = values.iter().enumerate().map(|(i, v)| ans(&format!("p{i}"), json!({"a": [*v, {"b": *v}], "~": *v, "/": [*v]}))).collect();
+                    let out = reduce(&r, &answers);
+                    prop_assert!(out.excluded.len() <= answers.len());
+                }
+            }
+        }
+
         #[test]
         fn weighted_mean_is_between_min_and_max(values in proptest::collection::vec(-1000i32..1000, 1..10)) {
             let r = red(ReducerKind::WeightedMean, Some("/v"));

@@ -23,6 +23,7 @@ pub enum ErrorCode {
     LeaseConflict,
     NoPeers,
     CursorExpired,
+    MethodNotAllowed,
     PayloadTooLarge,
     RateLimited,
     Unavailable,
@@ -43,6 +44,7 @@ impl ErrorCode {
             | ErrorCode::LeaseConflict
             | ErrorCode::NoPeers => 409,
             ErrorCode::CursorExpired => 410,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
@@ -64,6 +66,7 @@ impl ErrorCode {
             ErrorCode::LeaseConflict => "lease_conflict",
             ErrorCode::NoPeers => "no_peers",
             ErrorCode::CursorExpired => "cursor_expired",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",

@@ -6,6 +6,22 @@
 //! lost the role can never slip a write in.
 
 use crate::error::Error;
+use serde::{de::Error as _, Deserialize, Deserializer};
+
+/// The largest fence a caller may present. Epochs are stored as signed 64-bit
+/// integers, so a larger fence can never be current; it is refused as bad input
+/// (naming the field) rather than wrapped or silently ignored.
+pub const MAX_FENCE: u64 = i64::MAX as u64;
+
+/// `deserialize_with` for the `fence` of a request (body or query string).
+pub fn deserialize_fence<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<u64>::deserialize(d)? {
+        Some(f) if f > MAX_FENCE => Err(D::Error::custom(format!(
+            "{f} is out of range: a fence is at most {MAX_FENCE}"
+        ))),
+        v => Ok(v),
+    }
+}
 
 /// What the store knows about the entity at the moment of the write.
 #[derive(Debug, Clone, Copy)]

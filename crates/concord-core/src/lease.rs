@@ -427,6 +427,20 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever a caller sends as a resource: it is refused naming the field, or
+        /// it normalizes to a fixed point that overlaps itself (a lease always
+        /// conflicts with an identical one).
+        #[test]
+        fn any_resource_text_is_refused_or_overlaps_itself(s in "[a-z/*?\\[\\]!{},.:-]{0,24}|.{0,16}") {
+            match validate_resource("resource", &s) {
+                Err(e) => prop_assert!(e.details.to_string().contains("resource")),
+                Ok(n) => {
+                    prop_assert_eq!(validate_resource("resource", &n).ok(), Some(n.clone()));
+                    prop_assert!(overlaps(&n, &n), "{} does not overlap itself", n);
+                }
+            }
+        }
+
         /// Symmetric, and never misses: when a concrete path matches both globs
         /// (checked with the one-sided matcher), the globs overlap.
         #[test]

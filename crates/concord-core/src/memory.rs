@@ -484,7 +484,7 @@ pub struct WriteMemoryRequest {
     #[serde(default)]
     pub embedding: Option<Vec<f32>>,
     /// Required for `entity:` spaces (unless admin): the epoch of your primary grant.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::fencing::deserialize_fence")]
     pub fence: Option<u64>,
     /// When the knowledge became true; default now.
     #[serde(default)]
@@ -516,7 +516,7 @@ pub struct UpdateMemoryRequest {
     pub visibility: Option<String>,
     #[serde(default)]
     pub embedding: Option<Vec<f32>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::fencing::deserialize_fence")]
     pub fence: Option<u64>,
     #[serde(default)]
     pub valid_at: Option<Timestamp>,
@@ -717,7 +717,7 @@ pub struct ForkDiff {
 #[serde(deny_unknown_fields)]
 pub struct PromoteRequest {
     pub memory_ids: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::fencing::deserialize_fence")]
     pub fence: Option<u64>,
 }
 

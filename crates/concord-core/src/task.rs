@@ -243,6 +243,38 @@ mod tests {
             }
         }
 
+        /// Cron-shaped text (ranges, steps, lists, names, impossible dates like
+        /// 30 February): it parses or is refused naming `cron`, and a schedule that
+        /// parses answers `next_after` (strictly later, or never) without panicking.
+        #[test]
+        fn cron_shaped_expressions_parse_or_are_refused(
+            fields in proptest::collection::vec(
+                prop_oneof![
+                    Just("*".to_string()),
+                    (0u32..70).prop_map(|n| n.to_string()),
+                    (0u32..40, 1u32..40).prop_map(|(a, b)| format!("{a}-{b}")),
+                    (1u32..70).prop_map(|n| format!("*/{n}")),
+                    (0u32..32, 0u32..32).prop_map(|(a, b)| format!("{a},{b}")),
+                    Just("FEB".to_string()),
+                    Just("MON-FRI".to_string()),
+                    Just("?".to_string()),
+                    Just("L".to_string()),
+                ],
+                4..8,
+            ),
+            at in 0i64..4_000_000_000_000,
+        ) {
+            let expr = fields.join(" ");
+            match Recurrence::parse(None, Some(&expr)) {
+                Err(e) => prop_assert!(e.details.to_string().contains("cron")),
+                Ok(r) => {
+                    if let Some(n) = r.next_after(at) {
+                        prop_assert!(n > at, "{} after {} gave {}", expr, at, n);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn cron_parsing_never_panics(s in ".{0,30}") {
             let _ = Recurrence::parse(None, Some(&s)).map(|r| r.next_after(0));

@@ -29,6 +29,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "request body must be a JSON document",
         )));
     }
+    // Every body of the API is an object. serde would also build a struct from a
+    // JSON array (fields by position), which would let `[v, 7]` pass as
+    // `{"value": v, "fence": 7}`: refuse anything but an object up front.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError(Error::bad_request(
+            "request body must be a JSON object",
+        )));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(v) => Ok(v),

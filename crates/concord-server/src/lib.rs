@@ -317,8 +317,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError(Error::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
             ApiError(Error::new(
-                concord_core::ErrorCode::BadRequest,
-                "method not allowed on this route",
+                concord_core::ErrorCode::MethodNotAllowed,
+                "method not allowed on this route (the Allow header lists those that are)",
             ))
         })
         .layer(axum::extract::DefaultBodyLimit::max(limit))

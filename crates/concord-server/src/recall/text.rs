@@ -396,4 +396,59 @@ mod tests {
         assert_eq!(t.watermark(), 7);
         assert_eq!(t.reader().searcher().num_docs(), 1);
     }
+
+    const DOCS: &[&str] = &[
+        "the deploy to staging failed on the migration step",
+        "Ürün kataloğu güncellendi; 価格は変更なし",
+        "AND OR NOT \"quoted\" title:field +must -never * ? ~2 ^3 (group)",
+        "rollback plan: revert 4f2a, then rerun the canary",
+    ];
+
+    fn indexed() -> TextIndex {
+        let mut t = TextIndex::open(None).unwrap();
+        for (i, text) in DOCS.iter().enumerate() {
+            let mut doc = TantivyDocument::default();
+            doc.add_text(t.fields.text, text);
+            doc.add_i64(t.fields.seq, i as i64 + 1);
+            doc.add_i64(t.fields.created_at, i as i64);
+            t.writer.add_document(doc).unwrap();
+        }
+        t.commit(DOCS.len() as i64).unwrap();
+        t
+    }
+
+    proptest::proptest! {
+        // Each case builds an index: fewer cases, still varied input.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Query text is user input: any of it (query-language operators, quotes,
+        /// unbalanced brackets, any script) is only words. It never fails or panics,
+        /// finds only indexed memories, and a word of a memory among noise still
+        /// finds that memory.
+        #[test]
+        fn any_query_text_is_words(
+            noise in ".{0,40}|[-+*?~^:()\\[\\]{}\"!&| A-Za-z0-9]{0,40}",
+            pick in 0usize..4,
+            word in 0usize..4,
+        ) {
+            let t = indexed();
+            let all: Box<dyn Query> = Box::new(AllQuery);
+            if let Some(q) = text_query(t.index(), &t.fields, &noise, all) {
+                let hits = top_bm25(&t.reader(), q.as_ref(), 10).unwrap();
+                proptest::prop_assert!(hits.iter().all(|(seq, _, _)| (1..=DOCS.len() as i64).contains(seq)));
+            }
+            let words: Vec<&str> = DOCS[pick]
+                .split_whitespace()
+                .filter(|w| w.chars().any(char::is_alphanumeric))
+                .collect();
+            let w = words[word % words.len()];
+            let text = format!("{noise} {w} {noise}");
+            let all: Box<dyn Query> = Box::new(AllQuery);
+            let q = text_query(t.index(), &t.fields, &text, all);
+            proptest::prop_assert!(q.is_some(), "no words found in {:?}", text);
+            let hits = top_bm25(&t.reader(), q.unwrap().as_ref(), 10).unwrap();
+            let wanted = pick as i64 + 1;
+            proptest::prop_assert!(hits.iter().any(|(seq, _, _)| *seq == wanted), "{:?} did not find memory {}", text, wanted);
+        }
+    }
 }

@@ -8,6 +8,7 @@ use crate::extract::{parse_json, Caller, Json, Query};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use concord_core::api::{
     BreakerList, BreakerState, BreakerView, ObservationBatch, ObservationRequest, Observed,
     ProbeResponse,
@@ -85,6 +86,7 @@ pub(crate) async fn observe(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     /// closed, open or half_open.
@@ -164,9 +166,28 @@ pub(crate) async fn post_any(
     State(s): State<Arc<AppState>>,
     Caller(p): Caller,
     Path(rest): Path<String>,
-) -> ApiResult<axum::Json<ProbeResponse>> {
+) -> Result<axum::Json<ProbeResponse>, axum::response::Response> {
     match rest.strip_suffix("/probe") {
-        Some(subject) => probe(s, p, subject.to_string()).await,
-        None => Err(Error::not_found("no such route: POST /v1/breakers/{subject}/probe").into()),
+        Some(subject) => probe(s, p, subject.to_string())
+            .await
+            .map_err(IntoResponse::into_response),
+        None => Err(method_not_allowed(Path(rest)).await),
     }
+}
+
+/// Subjects may contain '/', so one wildcard route serves both
+/// `GET /v1/breakers/{subject}` and `POST /v1/breakers/{subject}/probe`; the
+/// methods a path allows depend on its shape: a path ending in `/probe` is both a
+/// subject (GET) and a probe (POST), any other only a subject.
+pub(crate) async fn method_not_allowed(Path(rest): Path<String>) -> axum::response::Response {
+    let allow = if rest.ends_with("/probe") {
+        "GET,HEAD,POST"
+    } else {
+        "GET,HEAD"
+    };
+    let err = crate::error::ApiError(Error::new(
+        concord_core::ErrorCode::MethodNotAllowed,
+        "method not allowed on this route (the Allow header lists those that are)",
+    ));
+    ([(axum::http::header::ALLOW, allow)], err).into_response()
 }

@@ -57,6 +57,7 @@ pub(crate) async fn publish(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReadQuery {
     /// Comma-separated patterns: `*` one word, `>` the rest. Default: everything.
@@ -64,8 +65,10 @@ pub(crate) struct ReadQuery {
     /// Return events with seq > from. Default: the oldest retained.
     from: Option<i64>,
     /// At most this many events (1..=1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Wait up to this long for a first matching event (0..=60000).
+    #[param(maximum = 60000)]
     wait_ms: Option<u64>,
 }
 
@@ -124,6 +127,7 @@ pub(crate) async fn read(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StreamQuery {
     topics: Option<String>,

@@ -110,6 +110,7 @@ pub(crate) async fn renew(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReleaseQuery {
     /// Admin only: release whoever holds it.
@@ -140,6 +141,7 @@ pub(crate) async fn release(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     /// Leases overlapping this name or glob.

@@ -250,6 +250,7 @@ pub(crate) async fn write_batch(
 }
 
 #[derive(Debug, Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GetQuery {
     /// Also every version of the memory, oldest first.
@@ -360,9 +361,11 @@ pub(crate) async fn update(
 }
 
 #[derive(Debug, Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DeleteQuery {
     /// For canonical (`entity:`) memories: the epoch of your primary grant.
+    #[serde(default, deserialize_with = "concord_core::fencing::deserialize_fence")]
     fence: Option<u64>,
     /// Admin: erase the bytes of every version, leave tombstones.
     #[serde(default)]

@@ -64,13 +64,16 @@ pub(crate) async fn send(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct InboxQuery {
     /// Cursor: messages after it (default 0, the whole inbox).
     after: Option<i64>,
     /// 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Wait up to this long for a message (0..=60000).
+    #[param(maximum = 60000)]
     wait_ms: Option<u64>,
     /// Only messages not acked yet (they come back until acked).
     unacked_only: Option<bool>,

@@ -94,7 +94,9 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/breakers", get(breakers::list))
         .route(
             "/v1/breakers/{*rest}",
-            get(breakers::get_any).post(breakers::post_any),
+            get(breakers::get_any)
+                .post(breakers::post_any)
+                .fallback(breakers::method_not_allowed),
         )
         .route("/v1/leases", post(leases::acquire).get(leases::list))
         .route("/v1/leases/{id}", axum::routing::delete(leases::release))

@@ -94,8 +94,10 @@ pub(crate) async fn put(
 }
 
 #[derive(Debug, Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct DeleteQuery {
+    #[serde(default, deserialize_with = "concord_core::fencing::deserialize_fence")]
     fence: Option<u64>,
     if_revision: Option<i64>,
 }

@@ -435,11 +435,13 @@ pub(crate) async fn get(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     queue: Option<String>,
     state: Option<TaskState>,
     /// 1..=1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Tasks after this id (pages in creation order).
     after: Option<String>,
