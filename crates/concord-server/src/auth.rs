@@ -36,7 +36,18 @@ impl AuthCache {
         metrics: &Metrics,
         secret: &str,
     ) -> Result<Principal> {
-        let hash = hash_secret(secret);
+        self.authenticate_hash(store, metrics, hash_secret(secret))
+            .await
+    }
+
+    /// Like [`authenticate`](Self::authenticate) for a token known by its hash only
+    /// (a dashboard session keeps the hash, never the token).
+    pub async fn authenticate_hash(
+        &self,
+        store: &DynStore,
+        metrics: &Metrics,
+        hash: String,
+    ) -> Result<Principal> {
         if let Ok(map) = self.by_hash.read() {
             if let Some((p, at)) = map.get(&hash) {
                 if at.elapsed() < CACHE_TTL {

@@ -147,7 +147,17 @@ where
     }
 }
 
-/// The authenticated caller. Every /v1 route takes one: no token, 401.
+/// The authenticated caller. Every /v1 route takes one: no credentials, 401.
+///
+/// Credentials are a bearer token or, for the dashboard (`/ui`), its session cookie.
+/// The dashboard calls the same `/v1` routes as every other client instead of
+/// UI-only endpoints, so what a dashboard user may do is exactly what the one
+/// authorization table lets its token do, with nothing to drift. The cookie is
+/// accepted for safe methods (GET/HEAD: no route changes anything on them) and,
+/// for anything else, only with the session's CSRF token in `X-Concord-CSRF`: a
+/// header that no cross-site form can send and no cross-site script can set
+/// without a CORS preflight the hub never grants, while `SameSite=Strict` keeps
+/// the cookie off cross-site requests in the first place.
 pub struct Caller(pub Principal);
 
 impl FromRequestParts<Arc<AppState>> for Caller {
@@ -166,16 +176,26 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                ApiError(Error::unauthorized(
-                    "missing bearer token (Authorization: Bearer <token>)",
-                ))
-            })?;
-        let principal = state
-            .auth
-            .authenticate(&state.store, &state.metrics, secret)
-            .await?;
+            .filter(|s| !s.is_empty());
+        let principal = match secret {
+            Some(secret) => {
+                state
+                    .auth
+                    .authenticate(&state.store, &state.metrics, secret)
+                    .await?
+            }
+            None => {
+                let session = crate::ui::session_of(parts, state)?.ok_or_else(|| {
+                    ApiError(Error::unauthorized(
+                        "missing bearer token (Authorization: Bearer <token>)",
+                    ))
+                })?;
+                state
+                    .auth
+                    .authenticate_hash(&state.store, &state.metrics, session.token_hash)
+                    .await?
+            }
+        };
         state.limits.check(&principal.token_id)?;
         Ok(Caller(principal))
     }

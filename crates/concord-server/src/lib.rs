@@ -4,6 +4,7 @@
 //! handler (parse strictly, `authz::authorize`, one store call) → JSON. Background
 //! tasks: the reaper (expires instances, `reaper.rs`) and the log tail (keeps this
 //! replica's caches in step with changes made on other replicas, `tail.rs`).
+//! The dashboard (`ui/`) serves pages at `/ui` that call the same `/v1` routes.
 
 mod auth;
 mod bus;
@@ -19,6 +20,7 @@ mod reaper;
 pub mod recall;
 pub mod routes;
 mod tail;
+mod ui;
 
 pub use error::{ApiError, ApiResult};
 pub use mcp::{
@@ -160,6 +162,8 @@ pub struct AppState {
     /// A client of this hub's own HTTP API (its listen address), set once the
     /// listener is bound: `/mcp` tools call through it with the caller's token.
     pub(crate) self_client: OnceLock<concord_client::Client>,
+    /// Logged-in dashboard browsers (`/ui`), see `ui::session`.
+    pub(crate) ui_sessions: ui::session::Sessions,
 }
 
 impl AppState {
@@ -216,6 +220,7 @@ impl Hub {
             bus: tokio::sync::broadcast::channel(bus::BUS_CAPACITY).0,
             subscribers: bus::SubscriberCount::default(),
             self_client: OnceLock::new(),
+            ui_sessions: ui::session::Sessions::default(),
         });
         let (stop, stop_rx) = watch::channel(false);
         let cursor = state.store.last_event_seq().await?;
@@ -314,6 +319,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     routes::routes()
         .merge(mcp::routes(state.clone()))
+        .merge(ui::routes())
         .fallback(|| async { ApiError(Error::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
             ApiError(Error::new(

@@ -19,3 +19,4 @@ mod primaries;
 mod queue;
 mod replicas;
 mod tokens;
+mod ui;
