@@ -157,7 +157,9 @@ impl<'de> Deserialize<'de> for PortChoice {
                 .filter(|p| *p > 0)
                 .map(PortChoice::Fixed)
                 .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a port number"))),
-            Raw::Text(s) => PortChoice::parse("port", &s).map_err(|e| serde::de::Error::custom(e.message)),
+            Raw::Text(s) => {
+                PortChoice::parse("port", &s).map_err(|e| serde::de::Error::custom(e.message))
+            }
         }
     }
 }
@@ -209,7 +211,9 @@ pub const STABLE_RUN_MS: u64 = 30_000;
 /// bounded time once its cause is fixed.
 pub fn backoff_ms(consecutive: u32, initial_ms: u64, max_ms: u64) -> u64 {
     let factor = 1u64.checked_shl(consecutive.min(63)).unwrap_or(u64::MAX);
-    initial_ms.saturating_mul(factor).min(max_ms.max(initial_ms))
+    initial_ms
+        .saturating_mul(factor)
+        .min(max_ms.max(initial_ms))
 }
 
 /// The supervised process's state, as `meta.process.state` on the hub.
@@ -350,6 +354,10 @@ pub struct AgentSpec {
     /// How long a stopping child gets between SIGTERM and SIGKILL.
     #[serde(default)]
     pub grace_ms: Option<u64>,
+    /// This agent's own token (e.g. an agent token of its entity) instead of the
+    /// fleet's; the child inherits it as `CONCORD_TOKEN`.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 fn default_role() -> String {
@@ -458,7 +466,10 @@ pub fn validate_agent(field: &str, a: &AgentSpec) -> Result<(), Error> {
             (None, Some(_)) => {}
         }
         if h.failures == Some(0) {
-            return Err(Error::bad_field(&f("health.failures"), "must be at least 1"));
+            return Err(Error::bad_field(
+                &f("health.failures"),
+                "must be at least 1",
+            ));
         }
         if h.interval_ms.is_some_and(|ms| ms < 100) {
             return Err(Error::bad_field(
@@ -543,7 +554,10 @@ impl FleetFile {
             crate::task::validate_queue(&format!("{field}.queue"), &s.queue)?;
             validate::capabilities(&format!("{field}.requires"), &s.requires)?;
             crate::task::Recurrence::parse(s.every_ms, s.cron.as_deref()).map_err(|e| {
-                let sub = e.details["field"].as_str().unwrap_or("every_ms").to_string();
+                let sub = e.details["field"]
+                    .as_str()
+                    .unwrap_or("every_ms")
+                    .to_string();
                 Error::bad_field(&format!("{field}.{sub}"), e.message)
             })?;
             if s.max_attempts.is_some_and(|m| !(1..=100).contains(&m)) {
@@ -609,6 +623,7 @@ mod tests {
             health: None,
             ttl_ms: None,
             grace_ms: None,
+            token_file: None,
         }
     }
 
@@ -638,7 +653,9 @@ mod tests {
         assert!(slug("label", "/").is_err());
         for l in ["../etc", "a/../../b", ".hidden", "-x-"] {
             let s = slug("label", l).unwrap();
-            assert!(s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+            assert!(s
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
             assert!(!s.starts_with('-') && !s.ends_with('-'), "{s}");
         }
     }
@@ -662,7 +679,10 @@ mod tests {
     fn port_choices() {
         assert_eq!(PortChoice::parse("port", "auto").unwrap(), PortChoice::Auto);
         assert_eq!(PortChoice::parse("port", "none").unwrap(), PortChoice::None);
-        assert_eq!(PortChoice::parse("port", "8080").unwrap(), PortChoice::Fixed(8080));
+        assert_eq!(
+            PortChoice::parse("port", "8080").unwrap(),
+            PortChoice::Fixed(8080)
+        );
         assert!(PortChoice::parse("port", "0").is_err());
         assert!(PortChoice::parse("port", "99999").is_err());
         assert!(PortChoice::parse("port", "free").is_err());
@@ -706,24 +726,48 @@ mod tests {
             state_detail(Running, Health::Down(3), None),
             "process up, endpoint down (3 failed checks)"
         );
-        assert_eq!(state_detail(Running, Health::Up, None), "process up, endpoint up");
+        assert_eq!(
+            state_detail(Running, Health::Up, None),
+            "process up, endpoint up"
+        );
         assert_eq!(
             state_detail(Backoff, Health::Unchecked, Some("exit code 1")),
             "process down after exit code 1, waiting to restart"
         );
-        assert_eq!(state_detail(Exited, Health::Up, Some("signal 9")), "process exited after signal 9");
+        assert_eq!(
+            state_detail(Exited, Health::Up, Some("signal 9")),
+            "process exited after signal 9"
+        );
         assert_eq!(describe_exit(Some(2), None), "exit code 2");
         assert_eq!(describe_exit(None, Some(15)), "signal 15");
     }
 
     #[test]
     fn fleet_validation() {
-        let ok = fleet(vec![agent("sisters", "main"), agent("sisters", "tab 2"), agent("anvil", "main")]);
+        let ok = fleet(vec![
+            agent("sisters", "main"),
+            agent("sisters", "tab 2"),
+            agent("anvil", "main"),
+        ]);
         assert_eq!(ok.validate().unwrap().len(), 10);
 
-        let field = |f: FleetFile| f.validate().unwrap_err().details["field"].as_str().unwrap().to_string();
-        assert_eq!(field(fleet(vec![agent("sisters", "Main"), agent("sisters", "main")])), "agent[1].label");
-        assert_eq!(field(fleet(vec![agent("bad name", "x")])), "agent[0].entity");
+        let field = |f: FleetFile| {
+            f.validate().unwrap_err().details["field"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            field(fleet(vec![
+                agent("sisters", "Main"),
+                agent("sisters", "main")
+            ])),
+            "agent[1].label"
+        );
+        assert_eq!(
+            field(fleet(vec![agent("bad name", "x")])),
+            "agent[0].entity"
+        );
         let mut a = agent("a", "b");
         a.command = vec![];
         assert_eq!(field(fleet(vec![a])), "agent[0].command");
@@ -772,7 +816,10 @@ mod tests {
             max_attempts: None,
         };
         let mut f = fleet(vec![]);
-        f.schedules = vec![sched("nightly", None, Some("0 3 * * *")), sched("nightly", Some(60_000), None)];
+        f.schedules = vec![
+            sched("nightly", None, Some("0 3 * * *")),
+            sched("nightly", Some(60_000), None),
+        ];
         assert_eq!(field(f), "schedule[1].name");
         let mut f = fleet(vec![]);
         f.schedules = vec![sched("n", None, Some("not cron"))];
@@ -785,7 +832,10 @@ mod tests {
     #[test]
     fn plans_apply_only_the_difference() {
         let m = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         let desired = m(&[("a/main", "1"), ("a/tab", "2"), ("b/new", "3")]);
         let running = m(&[("a/main", "1"), ("a/tab", "old"), ("c/gone", "4")]);
@@ -795,7 +845,10 @@ mod tests {
         assert_eq!(p.stop, vec!["c/gone"]);
         assert_eq!(p.keep, vec!["a/main"]);
         let p = plan(&desired, &desired);
-        assert_eq!((p.start.len(), p.restart.len(), p.stop.len(), p.keep.len()), (0, 0, 0, 3));
+        assert_eq!(
+            (p.start.len(), p.restart.len(), p.stop.len(), p.keep.len()),
+            (0, 0, 0, 3)
+        );
         let p = plan(&BTreeMap::new(), &running);
         assert_eq!(p.stop.len(), 3);
     }

@@ -145,12 +145,21 @@ impl Fleet {
             c.hub = self.file.hub.clone();
         }
         if let Some(t) = &self.file.token_file {
-            let p = self.path.parent().unwrap_or(Path::new("/")).join(expand_home(t));
-            let token = std::fs::read_to_string(&p)
-                .with_context(|| format!("token_file: cannot read {}", p.display()))?;
-            c.token = Some(token.trim().to_string());
+            c.token = Some(self.read_token(t)?);
         }
         Ok(c)
+    }
+
+    /// A token file, relative to the fleet file's directory.
+    fn read_token(&self, file: &str) -> Result<String> {
+        let p = self
+            .path
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(expand_home(file));
+        let token = std::fs::read_to_string(&p)
+            .with_context(|| format!("token_file: cannot read {}", p.display()))?;
+        Ok(token.trim().to_string())
     }
 
     /// An agent's program as `concord run` gets it: a relative path is taken
@@ -188,8 +197,10 @@ impl Fleet {
     }
 
     fn fleet_record_path(&self) -> PathBuf {
-        self.registry
-            .join(format!("fleet-{:016x}.json", fnv1a(self.path.to_string_lossy().as_bytes())))
+        self.registry.join(format!(
+            "fleet-{:016x}.json",
+            fnv1a(self.path.to_string_lossy().as_bytes())
+        ))
     }
 }
 
@@ -210,7 +221,9 @@ struct Record {
 
 impl Record {
     fn pid(&self) -> Option<i32> {
-        self.doc["supervisor_pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+        self.doc["supervisor_pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
     }
     fn state_file(&self) -> PathBuf {
         PathBuf::from(self.doc["state_file"].as_str().unwrap_or_default())
@@ -251,14 +264,17 @@ fn records(registry: &Path) -> Vec<Record> {
 fn supervisor_alive(pid: i32, state_file: &Path) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The state is the field after the parenthesized command name.
-    let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next());
     if state.is_none_or(|s| s == "Z" || s == "X") {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     let wanted = state_file.as_os_str().as_encoded_bytes();
-    args.iter().any(|a| *a == b"run") && args.iter().any(|a| *a == wanted)
+    args.iter().any(|a| *a == b"run") && args.contains(&wanted)
 }
 
 fn read_json(path: &Path) -> Value {
@@ -269,7 +285,13 @@ fn read_json(path: &Path) -> Value {
 }
 
 /// The `concord run` command line of an agent.
-fn run_argv(fleet: &Fleet, a: &AgentSpec, program: &Path, hub: &[String], key: &str) -> Vec<String> {
+fn run_argv(
+    fleet: &Fleet,
+    a: &AgentSpec,
+    program: &Path,
+    hub: &[String],
+    key: &str,
+) -> Vec<String> {
     let mut v: Vec<String> = vec![
         "run".into(),
         "--entity".into(),
@@ -358,7 +380,11 @@ fn start_agent(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    match &conn.token {
+    let token = match &a.token_file {
+        Some(f) => Some(fleet.read_token(f)?),
+        None => conn.token.clone(),
+    };
+    match token {
         Some(t) => cmd.env("CONCORD_TOKEN", t),
         None => cmd.env_remove("CONCORD_TOKEN"),
     };
@@ -508,6 +534,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
         programs.insert(Fleet::key(a)?, fleet.program(a)?);
     }
     for a in &fleet.file.agents {
+        if let Some(f) = &a.token_file {
+            fleet
+                .read_token(f)
+                .with_context(|| format!("agent {}/{}", a.entity, a.label))?;
+        }
         run::make_home(&fleet.home(a)?)?;
     }
     std::fs::create_dir_all(&fleet.registry)
@@ -516,10 +547,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     if client.token().is_none() {
         bail!("no token: set token_file in the fleet file, pass --token or set CONCORD_TOKEN");
     }
-    client
-        .whoami()
-        .await
-        .map_err(|e| anyhow!("the hub at {}: {} ({})", client.urls().join(","), e.message, e.code.as_str()))?;
+    client.whoami().await.map_err(|e| {
+        anyhow!(
+            "the hub at {}: {} ({})",
+            client.urls().join(","),
+            e.message,
+            e.code.as_str()
+        )
+    })?;
     let all = records(&fleet.registry);
     let mine: Vec<&Record> = all
         .iter()
@@ -550,7 +585,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let running: BTreeMap<String, String> = mine
         .iter()
         .filter(|r| r.alive())
-        .map(|r| (r.key.clone(), r.doc["spec"].as_str().unwrap_or("").to_string()))
+        .map(|r| {
+            (
+                r.key.clone(),
+                r.doc["spec"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
     let plan = fleet::plan(&desired, &running);
 
@@ -573,7 +613,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .await
             .map_err(|e| anyhow!("schedule {}: {} ({})", s.name, e.message, e.code.as_str()))?;
     }
-    let names: Vec<&str> = fleet.file.schedules.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<&str> = fleet
+        .file
+        .schedules
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
     for old in fleet_record["schedules"].as_array().into_iter().flatten() {
         if let Some(old) = old.as_str().filter(|o| !names.contains(o)) {
             let _ = client.delete_schedule(old).await;
@@ -630,7 +675,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
             let _ = s.child.wait();
             remove_record(&rec);
         }
-        let lines: Vec<String> = failed.iter().map(|(k, why)| format!("  {k}: {why}")).collect();
+        let lines: Vec<String> = failed
+            .iter()
+            .map(|(k, why)| format!("  {k}: {why}"))
+            .collect();
         bail!(
             "the fleet did not come up; the agents this `up` started were stopped again:\n{}",
             lines.join("\n")
@@ -771,7 +819,13 @@ pub async fn ps(args: PsArgs) -> Result<()> {
         let st = read_json(&rec.state_file());
         let alive = rec.alive();
         let process = if alive {
-            st["process"]["state"].as_str().unwrap_or("starting").to_string()
+            st["process"]["state"]
+                .as_str()
+                .unwrap_or("starting")
+                .to_string()
+        } else if st["process"]["state"] == "exited" {
+            // The child ended for good (per its restart policy) and so did its supervisor.
+            "exited".to_string()
         } else {
             "stopped".to_string()
         };
@@ -779,12 +833,19 @@ pub async fn ps(args: PsArgs) -> Result<()> {
         let (presence, role) = match &instance {
             Some(id) => match client.get_instance(id).await {
                 Ok(i) => (i.state.as_str().to_string(), i.role.as_str().to_string()),
-                Err(e) if e.code == concord_core::ErrorCode::Unavailable => {
-                    ("hub unreachable".into(), rec.doc["role"].as_str().unwrap_or("").into())
-                }
-                Err(e) => (e.code.as_str().to_string(), rec.doc["role"].as_str().unwrap_or("").into()),
+                Err(e) if e.code == concord_core::ErrorCode::Unavailable => (
+                    "hub unreachable".into(),
+                    rec.doc["role"].as_str().unwrap_or("").into(),
+                ),
+                Err(e) => (
+                    e.code.as_str().to_string(),
+                    rec.doc["role"].as_str().unwrap_or("").into(),
+                ),
             },
-            None => ("not registered".into(), rec.doc["role"].as_str().unwrap_or("").into()),
+            None => (
+                "not registered".into(),
+                rec.doc["role"].as_str().unwrap_or("").into(),
+            ),
         };
         rows.push(json!({
             "entity": rec.doc["entity"],
@@ -797,7 +858,14 @@ pub async fn ps(args: PsArgs) -> Result<()> {
             "restarts": st["process"]["restarts"],
             "instance": instance,
             "presence": presence,
-            "state_detail": if alive { st["state_detail"].clone() } else { json!("supervisor not running") },
+            "state_detail": if alive {
+                st["state_detail"].clone()
+            } else {
+                json!(format!(
+                    "{}; supervisor not running",
+                    st["state_detail"].as_str().unwrap_or("never started")
+                ))
+            },
             "home": rec.doc["home"],
             "fleet": rec.doc["fleet"],
         }));
@@ -813,14 +881,26 @@ pub async fn ps(args: PsArgs) -> Result<()> {
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            ["entity", "label", "role", "process", "pid", "port", "restarts", "presence", "state_detail"]
-                .iter()
-                .map(|k| cell(&r[*k]))
-                .collect()
+            [
+                "entity",
+                "label",
+                "role",
+                "process",
+                "pid",
+                "port",
+                "restarts",
+                "presence",
+                "state_detail",
+            ]
+            .iter()
+            .map(|k| cell(&r[*k]))
+            .collect()
         })
         .collect();
     output::table(
-        &["ENTITY", "LABEL", "ROLE", "PROCESS", "PID", "PORT", "RESTARTS", "HUB", "DETAIL"],
+        &[
+            "ENTITY", "LABEL", "ROLE", "PROCESS", "PID", "PORT", "RESTARTS", "HUB", "DETAIL",
+        ],
         &table,
     );
     Ok(())

@@ -312,7 +312,10 @@ impl Supervisor {
         doc["label"] = json!(self.args.label);
         doc["updated_at"] = json!(chrono::Utc::now().to_rfc3339());
         if let Err(e) = write_atomic(path, &doc) {
-            self.note(format!("cannot write the state file {}: {e}", path.display()));
+            self.note(format!(
+                "cannot write the state file {}: {e}",
+                path.display()
+            ));
         }
     }
 
@@ -326,8 +329,14 @@ impl Supervisor {
         };
         let (reg, campaigning) = match self.agent.register(&self.request(role)).await {
             Err(e) if e.code == ErrorCode::PrimaryHeld => {
-                self.note(format!("{}; registering as a secondary and campaigning", e.message));
-                (self.agent.register(&self.request(Role::Secondary)).await?, true)
+                self.note(format!(
+                    "{}; registering as a secondary and campaigning",
+                    e.message
+                ));
+                (
+                    self.agent.register(&self.request(Role::Secondary)).await?,
+                    true,
+                )
             }
             other => (other?, false),
         };
@@ -413,10 +422,8 @@ impl Supervisor {
     fn hub_unreachable(&self, e: &Error) {
         let first = self.with(|s| s.hub_error.replace(e.message.clone()).is_none());
         if first {
-            self.note(format!(
-                "{} (the agent keeps running; retrying)",
-                e.message
-            ));
+            self.note(format!("{} (the agent keeps running; retrying)", e.message));
+            self.write_state_file(None);
         }
     }
 
@@ -805,7 +812,13 @@ async fn allocate_port(
                 let _ = client.release_lease(&id, false).await;
             }
             Err(e) if e.code == ErrorCode::LeaseConflict => continue,
-            Err(e) => return Err(anyhow!("leasing port {port}: {} ({})", e.message, e.code.as_str())),
+            Err(e) => {
+                return Err(anyhow!(
+                    "leasing port {port}: {} ({})",
+                    e.message,
+                    e.code.as_str()
+                ))
+            }
         }
     }
     bail!("port range {range} exhausted: every port is leased by another agent or in use on this host")
@@ -901,7 +914,11 @@ pub fn write_atomic(path: &Path, doc: &Value) -> std::io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(doc).unwrap_or_default().as_bytes())?;
+        f.write_all(
+            serde_json::to_string_pretty(doc)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
     }
     std::fs::rename(&tmp, path)
 }
@@ -914,7 +931,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => fleet::DEFAULT_PORT_RANGE,
     };
     concord_core::validate::ttl_ms("--ttl-ms", args.ttl_ms).map_err(crate::cli::e)?;
-    if args.health_url.as_deref().is_some_and(|u| !u.starts_with('/')) {
+    if args
+        .health_url
+        .as_deref()
+        .is_some_and(|u| !u.starts_with('/'))
+    {
         bail!("--health-url: a path on the agent's port, starting with '/'");
     }
     if args.health_url.is_some() && port_choice == PortChoice::None {
@@ -929,7 +950,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     make_home(&home)?;
     let agent = args.conn.client()?;
     if agent.token().is_none() {
-        bail!("no token: pass --token (an agent token of the entity, or admin) or set CONCORD_TOKEN");
+        bail!(
+            "no token: pass --token (an agent token of the entity, or admin) or set CONCORD_TOKEN"
+        );
     }
     let host = args
         .host
@@ -992,7 +1015,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     break;
                 }
                 if attempt == 0 {
-                    sup.note(format!("{}: waiting for the hub to lease a port", e.message));
+                    sup.note(format!(
+                        "{}: waiting for the hub to lease a port",
+                        e.message
+                    ));
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(backoff_ms(attempt, 250, 10_000))) => {}
@@ -1002,7 +1028,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             Err(e) => {
                 sup.write_state_file(Some(&e.message));
-                bail!("cannot register with the hub: {} ({})", e.message, e.code.as_str())
+                bail!(
+                    "cannot register with the hub: {} ({})",
+                    e.message,
+                    e.code.as_str()
+                )
             }
         }
     }
@@ -1026,7 +1056,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     sup.note(format!(
         "home {}, port {}",
         sup.home.display(),
-        sup.port.map(|p| p.to_string()).unwrap_or_else(|| "none".into())
+        sup.port
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "none".into())
     ));
 
     let presence = tokio::spawn(sup.clone().presence(stop_rx.clone()));

@@ -256,7 +256,10 @@ async fn a_fleet_comes_up_isolated_applies_only_the_difference_and_goes_down() {
         ports.insert(port);
         ids.insert(env["CONCORD_INSTANCE_ID"].clone());
         // What the hub knows: endpoint, process × endpoint in meta, the port lease.
-        let inst = admin.get_instance(&env["CONCORD_INSTANCE_ID"]).await.unwrap();
+        let inst = admin
+            .get_instance(&env["CONCORD_INSTANCE_ID"])
+            .await
+            .unwrap();
         assert_eq!(inst.state, InstanceState::Live);
         assert_eq!(inst.label.as_deref(), Some(*label));
         assert_eq!(
@@ -292,7 +295,8 @@ async fn a_fleet_comes_up_isolated_applies_only_the_difference_and_goes_down() {
     assert!(homes[1].2.join("logs/stdout.log").exists());
 
     // ps: process, hub presence, role and port of each.
-    let ps: Value = serde_json::from_str(&ok(&run_out(&hub, &["ps", fleet_s, "--json"], dir))).unwrap();
+    let ps: Value =
+        serde_json::from_str(&ok(&run_out(&hub, &["ps", fleet_s, "--json"], dir))).unwrap();
     let agents = ps["agents"].as_array().unwrap();
     assert_eq!(agents.len(), 3);
     for a in agents {
@@ -327,7 +331,11 @@ async fn a_fleet_comes_up_isolated_applies_only_the_difference_and_goes_down() {
     std::fs::write(&fleet, fleet_file(&hub, "21000-21009", &edited)).unwrap();
     let diff: Value =
         serde_json::from_str(&ok(&run_out(&hub, &["up", fleet_s, "--json"], dir))).unwrap();
-    assert_eq!(diff["restarted"], serde_json::json!(["sisters--tab-2"]), "{diff}");
+    assert_eq!(
+        diff["restarted"],
+        serde_json::json!(["sisters--tab-2"]),
+        "{diff}"
+    );
     assert_eq!(diff["stopped"], serde_json::json!(["anvil--worker"]));
     assert_eq!(diff["unchanged"], serde_json::json!(["sisters--main"]));
     assert_eq!(
@@ -336,11 +344,21 @@ async fn a_fleet_comes_up_isolated_applies_only_the_difference_and_goes_down() {
     );
     let tab_after = eventually(WITHIN, "Tab 2 started again", || {
         let home = homes[1].2.clone();
-        async move { (lines(&home.join("starts.txt")).len() == 2).then(|| env_file(&home)).flatten() }
+        async move {
+            (lines(&home.join("starts.txt")).len() == 2)
+                .then(|| env_file(&home))
+                .flatten()
+        }
     })
     .await;
-    assert_ne!(tab_after["CONCORD_INSTANCE_ID"], tab_before["CONCORD_INSTANCE_ID"]);
-    assert_eq!(tab_after["PORT"], tab_before["PORT"], "a restarted agent keeps its port");
+    assert_ne!(
+        tab_after["CONCORD_INSTANCE_ID"],
+        tab_before["CONCORD_INSTANCE_ID"]
+    );
+    assert_eq!(
+        tab_after["PORT"], tab_before["PORT"],
+        "a restarted agent keeps its port"
+    );
     assert_eq!(lines(&homes[0].2.join("starts.txt")).len(), 1);
 
     // down: every instance closed, every process gone, the schedule removed.
@@ -373,7 +391,8 @@ async fn a_fleet_comes_up_isolated_applies_only_the_difference_and_goes_down() {
         .unwrap()
         .iter()
         .any(|s| s.name == "fleet-test-nightly"));
-    let ps: Value = serde_json::from_str(&ok(&run_out(&hub, &["ps", fleet_s, "--json"], dir))).unwrap();
+    let ps: Value =
+        serde_json::from_str(&ok(&run_out(&hub, &["ps", fleet_s, "--json"], dir))).unwrap();
     assert!(ps["agents"].as_array().unwrap().is_empty());
 }
 
@@ -403,10 +422,28 @@ exec sleep 600"#,
     reaper.runs.push(spawn_run(
         &hub,
         &[
-            "--entity", "crashy", "--label", "flaky one", "--home-root", root_s,
-            "--port-range", "21100-21109", "--restart", "on-failure", "--backoff-ms", "50",
-            "--log-max-bytes", "1000", "--log-keep", "2", "--ttl-ms", "3000",
-            "--state-file", state_s, "--", agent.to_str().unwrap(),
+            "--entity",
+            "crashy",
+            "--label",
+            "flaky one",
+            "--home-root",
+            root_s,
+            "--port-range",
+            "21100-21109",
+            "--restart",
+            "on-failure",
+            "--backoff-ms",
+            "50",
+            "--log-max-bytes",
+            "1000",
+            "--log-keep",
+            "2",
+            "--ttl-ms",
+            "3000",
+            "--state-file",
+            state_s,
+            "--",
+            agent.to_str().unwrap(),
         ],
         &dir.join("run.log"),
     ));
@@ -434,7 +471,12 @@ exec sleep 600"#,
     assert!(home.join("logs/stdout.log.1").exists());
     assert!(home.join("logs/stdout.log.2").exists());
     assert!(!home.join("logs/stdout.log.3").exists());
-    assert!(std::fs::metadata(home.join("logs/stdout.log")).unwrap().len() <= 1000);
+    assert!(
+        std::fs::metadata(home.join("logs/stdout.log"))
+            .unwrap()
+            .len()
+            <= 1000
+    );
     let all_logs: String = ["stdout.log.2", "stdout.log.1", "stdout.log"]
         .iter()
         .map(|f| std::fs::read_to_string(home.join("logs").join(f)).unwrap())
@@ -446,7 +488,11 @@ exec sleep 600"#,
     let run = reaper.runs.last_mut().unwrap();
     signal(run.id() as i64, libc::SIGTERM);
     let status = wait_exit(run).await;
-    assert!(status.success(), "{status}: {}", std::fs::read_to_string(dir.join("run.log")).unwrap());
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(dir.join("run.log")).unwrap()
+    );
     assert!(!alive(child_pid));
     assert_eq!(
         admin.get_instance(&inst.id).await.unwrap().state,
@@ -475,11 +521,28 @@ exec "$AGENT_BIN" serve --listen "127.0.0.1:$PORT" --data-dir ./hub-data --durab
     reaper.runs.push(spawn_run(
         &hub,
         &[
-            "--entity", "server", "--label", "api", "--home-root", root.to_str().unwrap(),
-            "--port-range", "21200-21209", "--health-url", "/healthz",
-            "--health-interval-ms", "200", "--health-failures", "2", "--ttl-ms", "1500",
-            "--state-file", state.to_str().unwrap(), "--env", &format!("AGENT_BIN={BIN}"),
-            "--", agent.to_str().unwrap(),
+            "--entity",
+            "server",
+            "--label",
+            "api",
+            "--home-root",
+            root.to_str().unwrap(),
+            "--port-range",
+            "21200-21209",
+            "--health-url",
+            "/healthz",
+            "--health-interval-ms",
+            "200",
+            "--health-failures",
+            "2",
+            "--ttl-ms",
+            "1500",
+            "--state-file",
+            state.to_str().unwrap(),
+            "--env",
+            &format!("AGENT_BIN={BIN}"),
+            "--",
+            agent.to_str().unwrap(),
         ],
         &dir.join("run.log"),
     ));
@@ -508,7 +571,10 @@ exec "$AGENT_BIN" serve --listen "127.0.0.1:$PORT" --data-dir ./hub-data --durab
     assert!(detail.starts_with("process up, endpoint down"), "{detail}");
     assert_eq!(expired.meta["process"]["state"], "running");
     assert!(instances(&hub, "live").await.is_empty());
-    assert!(read_json(&state)["hub"].as_str().unwrap().contains("withheld"));
+    assert!(read_json(&state)["hub"]
+        .as_str()
+        .unwrap()
+        .contains("withheld"));
 
     // Unhang it: healthy again, present again (a new instance, same port).
     signal(pid, libc::SIGCONT);
@@ -525,7 +591,11 @@ exec "$AGENT_BIN" serve --listen "127.0.0.1:$PORT" --data-dir ./hub-data --durab
     assert_eq!(back.endpoint, first.endpoint);
     assert_eq!(back.meta["process"]["pid"], pid);
     let leases = admin.leases(None, Some(&back.id)).await.unwrap().leases;
-    assert_eq!(leases.len(), 1, "the port is leased again by the new instance");
+    assert_eq!(
+        leases.len(),
+        1,
+        "the port is leased again by the new instance"
+    );
     // The child can find its new session in its home.
     let session = read_json(&root.join("server/api/concord-session.json"));
     assert_eq!(session["instance_id"], back.id.as_str());
@@ -550,8 +620,17 @@ async fn twenty_agents_started_at_once_get_twenty_ports() {
         reaper.runs.push(spawn_run(
             &hub,
             &[
-                "--entity", "swarm", "--label", &label, "--home-root", root.to_str().unwrap(),
-                "--port-range", "21300-21339", "--ttl-ms", "5000", "--",
+                "--entity",
+                "swarm",
+                "--label",
+                &label,
+                "--home-root",
+                root.to_str().unwrap(),
+                "--port-range",
+                "21300-21339",
+                "--ttl-ms",
+                "5000",
+                "--",
                 agent.to_str().unwrap(),
             ],
             &dir.join(format!("run-{i}.log")),
@@ -601,10 +680,18 @@ async fn bad_input_is_refused_with_nothing_started() {
     let marker = script(dir, "agent.sh", "touch started.txt\nexec sleep 600");
     let root_s = root.to_str().unwrap();
     let base = |cmd: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["run", "--entity", "bad", "--label", "x", "--home-root", root_s]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "run",
+            "--entity",
+            "bad",
+            "--label",
+            "x",
+            "--home-root",
+            root_s,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v.push("--".into());
         v.push(cmd.into());
@@ -624,9 +711,18 @@ async fn bad_input_is_refused_with_nothing_started() {
     args[6] = dir.join("a-file").to_string_lossy().into_owned();
     let err = failed(&run(args));
     assert!(err.contains("cannot create the agent's home"), "{err}");
-    let err = failed(&run(base(marker.to_str().unwrap(), &["--port-range", "900-1000"])));
-    assert!(err.contains("--port-range") && err.contains("1024"), "{err}");
-    assert!(instances(&hub, "all").await.is_empty(), "nothing registered");
+    let err = failed(&run(base(
+        marker.to_str().unwrap(),
+        &["--port-range", "900-1000"],
+    )));
+    assert!(
+        err.contains("--port-range") && err.contains("1024"),
+        "{err}"
+    );
+    assert!(
+        instances(&hub, "all").await.is_empty(),
+        "nothing registered"
+    );
 
     // A port range with its only port taken: exhausted, the instance closed again.
     let taken = std::net::TcpListener::bind("0.0.0.0:21400").unwrap();
@@ -637,7 +733,10 @@ async fn bad_input_is_refused_with_nothing_started() {
     assert!(err.contains("port range 21400-21400 exhausted"), "{err}");
     drop(taken);
     assert!(instances(&hub, "live").await.is_empty());
-    assert!(!root.join("bad/x/started.txt").exists(), "the child never started");
+    assert!(
+        !root.join("bad/x/started.txt").exists(),
+        "the child never started"
+    );
 
     // Fleet files: a syntax error names line and column; nothing starts.
     std::fs::write(dir.join("token"), &hub.admin).unwrap();
@@ -656,25 +755,120 @@ async fn bad_input_is_refused_with_nothing_started() {
     let two = |label: &str, program: &str| {
         format!(
             "{good_agent}\n{}",
-            good_agent.replace("one", label).replace("./agent.sh", program)
+            good_agent
+                .replace("one", label)
+                .replace("./agent.sh", program)
         )
     };
     for (range, body, wanted) in [
-        ("21410-21419", format!("{good_agent}restrat = \"always\"\n"), "unknown field `restrat`"),
+        (
+            "21410-21419",
+            format!("{good_agent}restrat = \"always\"\n"),
+            "unknown field `restrat`",
+        ),
         ("21410-21419", two("One", "./agent.sh"), "agent[1].label"),
-        ("21410-21419", two("two", "./missing.sh"), r#"missing.sh" does not exist"#),
-        ("21410-21410", two("two", "./agent.sh"), "port_range: 21410-21410 has 1 ports but 2 agents"),
+        (
+            "21410-21419",
+            two("two", "./missing.sh"),
+            r#"missing.sh" does not exist"#,
+        ),
+        (
+            "21410-21410",
+            two("two", "./agent.sh"),
+            "port_range: 21410-21410 has 1 ports but 2 agents",
+        ),
     ] {
         std::fs::write(&fleet, fleet_file(&hub, range, &body)).unwrap();
         let err = failed(&run_out(&hub, &["up", fleet_s], dir));
         assert!(err.contains(wanted), "{wanted} not in {err}");
     }
-    assert!(instances(&hub, "all").await.len() <= 1, "only the closed one of the exhausted run");
+    assert!(
+        instances(&hub, "all").await.len() <= 1,
+        "only the closed one of the exhausted run"
+    );
     assert!(instances(&hub, "live").await.is_empty());
     assert!(!root.join("a/one/started.txt").exists());
-    assert!(!root.join(".concord-fleet").exists()
-        || std::fs::read_dir(root.join(".concord-fleet"))
-            .unwrap()
-            .flatten()
-            .all(|e| !e.file_name().to_string_lossy().ends_with(".agent.json")));
+    assert!(
+        !root.join(".concord-fleet").exists()
+            || std::fs::read_dir(root.join(".concord-fleet"))
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().ends_with(".agent.json"))
+    );
+}
+
+#[tokio::test]
+async fn the_agent_keeps_running_while_the_hub_is_down_and_is_present_again_after() {
+    let mut hub = Hub::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let root = dir.join("agents");
+    let mut reaper = Reaper::new(&root);
+    let agent = script(dir, "agent.sh", RECORDING_AGENT);
+    let state = dir.join("steady.state.json");
+    reaper.runs.push(spawn_run(
+        &hub,
+        &[
+            "--entity",
+            "steady",
+            "--label",
+            "main",
+            "--home-root",
+            root.to_str().unwrap(),
+            "--port-range",
+            "21500-21509",
+            "--ttl-ms",
+            "1500",
+            "--state-file",
+            state.to_str().unwrap(),
+            "--",
+            agent.to_str().unwrap(),
+        ],
+        &dir.join("run.log"),
+    ));
+    let pid = eventually(WITHIN, "the agent running and registered", || {
+        let state = state.clone();
+        async move {
+            let s = read_json(&state);
+            (s["process"]["state"] == "running" && s["instance"].is_string())
+                .then(|| s["process"]["pid"].as_i64())
+                .flatten()
+        }
+    })
+    .await;
+
+    hub.kill9();
+    eventually(WITHIN, "the supervisor notices the hub is gone", || {
+        let state = state.clone();
+        async move {
+            let s = read_json(&state);
+            s["hub"].as_str()?.starts_with("unreachable").then_some(())
+        }
+    })
+    .await;
+    assert!(alive(pid), "the child keeps running without the hub");
+    assert_eq!(read_json(&state)["process"]["state"], "running");
+    assert_eq!(lines(&root.join("steady/main/starts.txt")).len(), 1);
+
+    hub.respawn_same_port();
+    let admin = hub.admin();
+    let back = eventually(WITHIN, "the agent present again", || {
+        let admin = admin.clone();
+        async move {
+            let live = admin
+                .list_instances(Some("steady"), None, Some("live"))
+                .await
+                .ok()?
+                .instances;
+            live.into_iter().find(|i| i.meta["process"]["pid"] == pid)
+        }
+    })
+    .await;
+    assert_eq!(back.meta["process"]["restarts"], 0);
+    assert_eq!(lines(&root.join("steady/main/starts.txt")).len(), 1);
+
+    let run = reaper.runs.last_mut().unwrap();
+    signal(run.id() as i64, libc::SIGTERM);
+    assert!(wait_exit(run).await.success());
+    assert!(!alive(pid));
 }
