@@ -145,22 +145,27 @@ impl fmt::Display for PortChoice {
 /// In a fleet file a port is `"auto"`, `"none"` or a number.
 impl<'de> Deserialize<'de> for PortChoice {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(i64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => u16::try_from(n)
-                .ok()
-                .filter(|p| *p > 0)
-                .map(PortChoice::Fixed)
-                .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a port number"))),
-            Raw::Text(s) => {
-                PortChoice::parse("port", &s).map_err(|e| serde::de::Error::custom(e.message))
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PortChoice;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"auto\", \"none\" or a port number")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortChoice, E> {
+                u16::try_from(n)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .map(PortChoice::Fixed)
+                    .ok_or_else(|| E::custom(format!("{n} is not a port number (1..=65535)")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortChoice, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortChoice, E> {
+                PortChoice::parse("port", s).map_err(|e| E::custom(e.message))
             }
         }
+        d.deserialize_any(V)
     }
 }
 
@@ -315,16 +320,27 @@ pub struct FleetFile {
 
 /// `hub = "http://…"` or `hub = ["http://a…", "http://b…"]`.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        One(String),
-        Many(Vec<String>),
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a hub URL or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<String>, E> {
+            Ok(vec![s.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(url) = seq.next_element::<String>()? {
+                out.push(url);
+            }
+            Ok(out)
+        }
     }
-    Ok(match Raw::deserialize(d)? {
-        Raw::One(s) => vec![s],
-        Raw::Many(v) => v,
-    })
+    d.deserialize_any(V)
 }
 
 /// One `[[agent]]`: what `concord run` is given for it.

@@ -23,6 +23,7 @@ use clap::Args;
 use concord_client::Client;
 use concord_core::api::PutScheduleRequest;
 use concord_core::fleet::{self, AgentSpec, FleetFile, PortRange};
+use concord_core::ErrorCode;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -547,14 +548,23 @@ pub async fn up(args: UpArgs) -> Result<()> {
     if client.token().is_none() {
         bail!("no token: set token_file in the fleet file, pass --token or set CONCORD_TOKEN");
     }
-    client.whoami().await.map_err(|e| {
-        anyhow!(
-            "the hub at {}: {} ({})",
-            client.urls().join(","),
-            e.message,
-            e.code.as_str()
-        )
-    })?;
+    // A hub that starts with the machine may not answer yet: wait for it (within
+    // --wait-ms), but fail at once on a wrong token.
+    let hub_deadline = Instant::now() + Duration::from_millis(args.wait_ms);
+    loop {
+        match client.whoami().await {
+            Ok(_) => break,
+            Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < hub_deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => bail!(
+                "the hub at {}: {} ({})",
+                client.urls().join(","),
+                e.message,
+                e.code.as_str()
+            ),
+        }
+    }
     let all = records(&fleet.registry);
     let mine: Vec<&Record> = all
         .iter()
@@ -833,7 +843,7 @@ pub async fn ps(args: PsArgs) -> Result<()> {
         let (presence, role) = match &instance {
             Some(id) => match client.get_instance(id).await {
                 Ok(i) => (i.state.as_str().to_string(), i.role.as_str().to_string()),
-                Err(e) if e.code == concord_core::ErrorCode::Unavailable => (
+                Err(e) if e.code == ErrorCode::Unavailable => (
                     "hub unreachable".into(),
                     rec.doc["role"].as_str().unwrap_or("").into(),
                 ),
