@@ -347,6 +347,27 @@ fn run_argv(
     v
 }
 
+/// Holds `<registry>/lock` (flock) while an `up` or `down` changes the records,
+/// so two of them at once cannot start an agent twice. Released when dropped.
+fn lock_registry(registry: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = registry.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another `concord up` or `concord down` is changing the agents of {} right now",
+            registry.parent().unwrap_or(registry).display()
+        );
+    }
+    Ok(f)
+}
+
 /// A supervisor started by this `up`, kept until it is known to be up.
 struct Started {
     key: String,
@@ -488,12 +509,13 @@ fn last_line(path: &Path) -> Option<String> {
 /// instance; past `timeout`, SIGKILL (its child dies with it) and close the
 /// instance here.
 async fn stop_supervisor(rec: &Record, client: &Client, timeout: Duration) -> String {
-    let Some(pid) = rec.pid() else {
-        return "no pid".into();
-    };
-    if !rec.alive() {
+    let Some(pid) = rec.pid().filter(|_| rec.alive()) else {
+        // A supervisor killed outright left its instance to expire: close it now.
+        if let Some(id) = read_json(&rec.state_file())["instance"].as_str() {
+            let _ = client.close_instance(id).await;
+        }
         return "not running".into();
-    }
+    };
     // SAFETY: kill(2) on a pid just checked to be this agent's supervisor.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + timeout;
@@ -544,6 +566,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&fleet.registry)
         .with_context(|| format!("cannot create {}", fleet.registry.display()))?;
+    let _lock = lock_registry(&fleet.registry)?;
     let client = conn.client()?;
     if client.token().is_none() {
         bail!("no token: set token_file in the fleet file, pass --token or set CONCORD_TOKEN");
@@ -759,6 +782,10 @@ pub async fn down(args: DownArgs) -> Result<()> {
     };
     let conn = fleet.conn(&args.conn)?;
     let client = conn.client()?;
+    let _lock = match fleet.registry.exists() {
+        true => Some(lock_registry(&fleet.registry)?),
+        false => None,
+    };
     let mine: Vec<Record> = records(&fleet.registry)
         .into_iter()
         .filter(|r| r.fleet() == fleet.path.to_string_lossy())
