@@ -469,6 +469,10 @@ fn wait_up(started: &mut [Started], deadline: Instant) -> Vec<(String, String)> 
                 return false;
             }
             if let Ok(Some(status)) = s.child.try_wait() {
+                if status.success() {
+                    // A one-shot agent that ran and finished well.
+                    return false;
+                }
                 let why = st["error"]
                     .as_str()
                     .map(str::to_string)
