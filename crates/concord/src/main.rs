@@ -8,9 +8,11 @@ mod bench_report;
 mod cli;
 mod coordination_cli;
 mod dispatch_cli;
+mod fleet_cli;
 mod mcp;
 mod memory_cli;
 mod output;
+mod run;
 mod serve;
 mod task_cli;
 mod work;
@@ -37,6 +39,14 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the MCP tools on stdio as a registered instance (for an MCP client's config).
     Mcp(mcp::McpArgs),
+    /// Run one agent supervised: isolated home, leased port, presence, restarts, logs.
+    Run(Box<run::RunArgs>),
+    /// Start (or update to) the agents and schedules of a fleet file.
+    Up(fleet_cli::UpArgs),
+    /// Stop the agents of a fleet file and remove its schedules.
+    Down(fleet_cli::DownArgs),
+    /// The agents started by `concord up`: process, hub presence, role, port.
+    Ps(fleet_cli::PsArgs),
     #[command(flatten)]
     Client(Box<cli::ClientCommand>),
 }
@@ -58,6 +68,10 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Mcp(args) => mcp::run(args).await,
+            Command::Run(args) => run::run(*args).await,
+            Command::Up(args) => fleet_cli::up(args).await,
+            Command::Down(args) => fleet_cli::down(args).await,
+            Command::Ps(args) => fleet_cli::ps(args).await,
             Command::Client(cmd) => cli::run(*cmd).await,
         }
     });

@@ -11,6 +11,7 @@ mod crash;
 mod dispatch;
 mod events;
 mod failover;
+mod fleet;
 mod leases;
 mod limits;
 mod mcp;
