@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod dispatch;
 pub mod error;
 pub mod fencing;
+pub mod idempotency;
 pub mod ids;
 pub mod lease;
 pub mod memory;

@@ -18,4 +18,5 @@ mod memory;
 mod primaries;
 mod queue;
 mod replicas;
+mod spool;
 mod tokens;
