@@ -10,6 +10,7 @@ when every check held; a failed check raises, prints what it saw and exits 1.
 import json
 import os
 import sys
+import tempfile
 from contextlib import asynccontextmanager
 
 from mcp import ClientSession
@@ -121,7 +122,9 @@ def http_client(url, token):
 
 def bridge(entity, label, *extra):
     """A `concord mcp` bridge launched over stdio, as an MCP host launches it."""
-    args = ["mcp", "--entity", entity, "--label", label, "--hub", env("CONCORD_HUB"), "--token", env("CONCORD_AGENT_TOKEN"), *extra]
+    # A spool directory of its own, so no test replays another's (or a past run's) writes.
+    spool = tempfile.mkdtemp(prefix="concord-spool-")
+    args = ["mcp", "--entity", entity, "--label", label, "--hub", env("CONCORD_HUB"), "--token", env("CONCORD_AGENT_TOKEN"), "--spool-dir", spool, *extra]
     params = StdioServerParameters(command=env("CONCORD_BIN"), args=args, env={"CONCORD_LOG": "warn"})
     return Client(params)
 

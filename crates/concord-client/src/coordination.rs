@@ -6,13 +6,17 @@ use concord_core::Result;
 use reqwest::Method;
 
 impl Client {
-    /// Reports one observation (needs an instance session token).
+    /// Reports one observation (needs an instance session token). Spooled in
+    /// degraded mode.
     pub async fn observe(&self, obs: &ObservationRequest) -> Result<Observed> {
-        self.post("/v1/observations", obs).await
+        self.write_typed(crate::SpoolKind::Observation, obs).await
     }
     pub async fn observe_batch(&self, observations: Vec<ObservationRequest>) -> Result<Observed> {
-        self.post("/v1/observations", &ObservationBatch { observations })
-            .await
+        self.write_typed(
+            crate::SpoolKind::Observation,
+            &ObservationBatch { observations },
+        )
+        .await
     }
     pub async fn breakers(&self, state: Option<BreakerState>) -> Result<BreakerList> {
         let qs = state

@@ -5,11 +5,20 @@
 //! Errors come back as [`concord_core::Error`] with the hub's code, so callers match
 //! on `ErrorCode::Fenced` rather than on status numbers. A hub that cannot be
 //! reached at all is `ErrorCode::Unavailable` with a message saying so.
+//!
+//! With a [`Spool`] attached ([`Client::with_spool`]) the client runs in degraded
+//! mode when no hub answers: writes that are safe to replay (memory writes to
+//! shared spaces or the caller's own instance space, events, observations,
+//! enqueues) are kept on disk and sent again in order, each exactly once, when a
+//! hub answers; see [`spool`].
 
 mod coordination;
 mod memory;
+pub mod spool;
 mod tasks;
 pub use memory::memory;
+pub use spool::record::SpoolKind;
+pub use spool::{ReplayReport, Spool, SpoolStatus};
 
 use concord_core::api::*;
 use concord_core::{Error, ErrorCode, Result};
@@ -30,6 +39,19 @@ pub struct Client {
     /// Index of the hub that answered last; tried first next time.
     current: Arc<AtomicUsize>,
     token: Option<String>,
+    /// The instance the token is a session of, when the caller said so
+    /// ([`Client::for_instance`]): its own `instance:` space is spoolable.
+    instance: Option<Arc<str>>,
+    /// Degraded mode: where spoolable writes wait while no hub answers. Shared by
+    /// clones and kept by [`Client::with_token`], so a re-registered session
+    /// replays what the earlier one spooled.
+    spool: Option<Arc<Spool>>,
+}
+
+/// True if `e` is the answer to a write that was spooled for later delivery
+/// (`unavailable` with `details.spooled`): not lost, not yet applied.
+pub fn spooled(e: &Error) -> bool {
+    e.code == ErrorCode::Unavailable && e.details.get("spooled") == Some(&Value::Bool(true))
 }
 
 /// Percent-encodes one path segment (an id or a name) for [`Client::call`].
@@ -65,15 +87,107 @@ impl Client {
             urls: Arc::new(urls),
             current: Arc::new(AtomicUsize::new(0)),
             token,
+            instance: None,
+            spool: None,
         })
     }
 
     /// The same hubs with another credential (e.g. an instance's session token).
+    /// The spool stays; the instance is forgotten until [`Client::for_instance`].
     pub fn with_token(&self, token: impl Into<String>) -> Client {
         Client {
             token: Some(token.into()),
+            instance: None,
             ..self.clone()
         }
+    }
+
+    /// Says which instance the token is a session of.
+    pub fn for_instance(&self, instance: impl Into<String>) -> Client {
+        Client {
+            instance: Some(Arc::from(instance.into())),
+            ..self.clone()
+        }
+    }
+
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.as_deref()
+    }
+
+    /// Degraded mode: spoolable writes that find no hub wait in `spool`.
+    pub fn with_spool(&self, spool: Arc<Spool>) -> Client {
+        Client {
+            spool: Some(spool),
+            ..self.clone()
+        }
+    }
+
+    pub fn spool(&self) -> Option<&Arc<Spool>> {
+        self.spool.as_ref()
+    }
+
+    /// Pending count, age of the oldest, rejected count; `None` without a spool.
+    pub async fn spool_status(&self) -> Option<SpoolStatus> {
+        match &self.spool {
+            Some(s) => Some(s.status().await),
+            None => None,
+        }
+    }
+
+    /// Sends what the spool holds, in order, with this client's credentials, until
+    /// it is empty or the hub cannot take a write now (then `stopped` says why).
+    /// Spoolable writes do this by themselves before going out; a process calls it
+    /// when it learns that the hub answers again (after a heartbeat, say).
+    pub async fn replay_spool(&self) -> ReplayReport {
+        match &self.spool {
+            Some(s) => s.replay(self).await,
+            None => ReplayReport::default(),
+        }
+    }
+
+    /// A write that may be spooled: `body` is the JSON body of `kind`'s route.
+    /// Without a spool, or for a write that is not spoolable (see
+    /// [`spool::record::spoolable`]), it is an ordinary call. With one, every item
+    /// gets an idempotency key first (the caller's, or a fresh ULID), the write
+    /// waits behind anything already spooled, and if no hub takes it, it is
+    /// spooled: the answer is then an `unavailable` error for which [`spooled`]
+    /// is true.
+    pub async fn write(&self, kind: SpoolKind, mut body: Value) -> Result<Value> {
+        let Some(spool) = &self.spool else {
+            return self.send_write(kind, &body).await;
+        };
+        if let Err(why) = spool::record::spoolable(kind, &body, self.instance()) {
+            return self
+                .send_write(kind, &body)
+                .await
+                .map_err(|e| not_spooled(e, &why));
+        }
+        spool::record::ensure_keys(kind, &mut body, || format!("spool_{}", ulid::Ulid::new()));
+        spool.write(self, kind, body).await
+    }
+
+    /// [`Client::write`] with typed bodies.
+    async fn write_typed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        kind: SpoolKind,
+        body: &B,
+    ) -> Result<T> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| Error::internal(format!("encoding the request: {e}")))?;
+        let answer = self.write(kind, body).await?;
+        serde_json::from_value(answer)
+            .map_err(|e| Error::internal(format!("cannot decode the hub's answer: {e}")))
+    }
+
+    /// The write itself, never spooled (the spool's replay sends with this).
+    pub(crate) async fn send_write(&self, kind: SpoolKind, body: &Value) -> Result<Value> {
+        self.send(
+            Method::POST,
+            kind.path(),
+            Some(body),
+            Duration::from_secs(60),
+        )
+        .await
     }
 
     pub fn token(&self) -> Option<&str> {
@@ -97,6 +211,34 @@ impl Client {
     }
 
     /// Sends a request to the hub that answered last, then to the others in
+    /// turn when a hub cannot be reached. With a spool attached, an `unavailable`
+    /// answer says that this request was not spooled (only [`Client::write`]
+    /// spools).
+    pub async fn call_timeout<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T> {
+        let answer = self.send(method.clone(), path, body, timeout).await;
+        if self.spool.is_none() {
+            return answer;
+        }
+        answer.map_err(|e| {
+            if method == Method::GET {
+                not_spooled(e, "reads are answered by a hub only")
+            } else {
+                not_spooled(
+                    e,
+                    "only memory writes to shared or the caller's own instance space, events, \
+                     observations and enqueues are kept for replay",
+                )
+            }
+        })
+    }
+
+    /// Sends a request to the hub that answered last, then to the others in
     /// turn when a hub cannot be reached.
     ///
     /// Which failures move on to the next hub depends on whether the request may
@@ -105,7 +247,7 @@ impl Client {
     /// hub killed mid-request, a pooled keep-alive connection to a hub that has
     /// died) may have been served, so only idempotent methods (GET, PUT, DELETE)
     /// move on, and a POST answers `unavailable` for its caller to decide.
-    pub async fn call_timeout<B: Serialize + ?Sized, T: DeserializeOwned>(
+    async fn send<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -331,15 +473,18 @@ impl Client {
     }
 
     // ----- events and messages -----
+    /// Publishes an event (spooled in degraded mode, see [`Client::write`]).
     pub async fn publish(&self, topic: &str, data: Value) -> Result<Published> {
-        self.post(
-            "/v1/events",
-            &PublishRequest {
-                topic: topic.into(),
-                data,
-            },
-        )
+        self.publish_with(&PublishRequest {
+            topic: topic.into(),
+            data,
+            idempotency_key: None,
+        })
         .await
+    }
+    /// Publishes with every field of the request (an idempotency key…).
+    pub async fn publish_with(&self, req: &PublishRequest) -> Result<Published> {
+        self.write_typed(SpoolKind::Event, req).await
     }
     /// Long-poll read: `topics` comma-separated patterns.
     pub async fn read_events(
@@ -457,6 +602,24 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cause = c.source();
     }
     out
+}
+
+/// An `unavailable` error of a client in degraded mode that did not spool the
+/// request: says so, and why, so nobody waits for a replay that will not come.
+fn not_spooled(e: Error, why: &str) -> Error {
+    if e.code != ErrorCode::Unavailable || e.details.get("spooled").is_some() {
+        return e;
+    }
+    let mut details = match e.details {
+        Value::Object(m) => Value::Object(m),
+        _ => serde_json::json!({}),
+    };
+    details["spooled"] = Value::Bool(false);
+    Error::new(
+        ErrorCode::Unavailable,
+        format!("{}; not spooled: {why}", e.message),
+    )
+    .with_details(details)
 }
 
 async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {

@@ -8,9 +8,10 @@ use concord_core::Result;
 use reqwest::Method;
 
 impl Client {
-    /// Writes a memory; `deduplicated` says it already existed.
+    /// Writes a memory; `deduplicated` says it already existed. Spooled in
+    /// degraded mode when it goes to a shared space or this instance's own.
     pub async fn remember(&self, req: &WriteMemoryRequest) -> Result<MemoryWritten> {
-        self.post("/v1/memories", req).await
+        self.write_typed(crate::SpoolKind::Memory, req).await
     }
 
     /// Writes many memories in one transaction (all or nothing).

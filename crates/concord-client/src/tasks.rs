@@ -8,8 +8,10 @@ use serde_json::Value;
 use std::time::Duration;
 
 impl Client {
+    /// Enqueues a task. Spooled in degraded mode, with the caller's idempotency
+    /// key or one the spool assigns, so a replay never enqueues it twice.
     pub async fn enqueue(&self, req: &EnqueueRequest) -> Result<TaskEnvelope> {
-        self.post("/v1/tasks", req).await
+        self.write_typed(crate::SpoolKind::Task, req).await
     }
     pub async fn enqueue_batch(&self, tasks: Vec<EnqueueRequest>) -> Result<TaskList> {
         self.post("/v1/tasks/batch", &EnqueueBatchRequest { tasks })

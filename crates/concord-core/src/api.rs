@@ -393,11 +393,20 @@ pub struct PublishRequest {
     pub topic: String,
     #[serde(default)]
     pub data: Value,
+    /// Publishing again with the same key (from the same entity, or the same
+    /// token for callers without one) returns the first event's seq instead of
+    /// appending a second event: a client that lost the reply, or replays its
+    /// offline spool, can send again safely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Published {
     pub seq: i64,
+    /// True when the idempotency key had been used: `seq` is the first event's.
+    #[serde(default)]
+    pub deduplicated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -535,6 +535,10 @@ pub struct ObservationRequest {
     /// The probe this observation reports on (from `POST /v1/breakers/{subject}/probe`).
     #[serde(default)]
     pub probe_id: Option<String>,
+    /// Reporting again with the same key (from the same entity) is accepted
+    /// without counting the observation twice: safe to resend after a lost reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// One observation or a batch: `{"observations": […]}`.
@@ -553,7 +557,11 @@ pub struct ObservationBatch {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Observed {
+    /// Observations taken, including those already taken under their key.
     pub accepted: usize,
+    /// Of those, how many had been taken before under the same idempotency key.
+    #[serde(default)]
+    pub deduplicated: usize,
 }
 
 /// Checks one observation; `prefix` names its place in a batch.
@@ -586,6 +594,9 @@ pub fn validate_observation(req: &ObservationRequest, prefix: &str) -> Result<Ou
         if p.is_empty() || p.len() > 64 {
             return Err(Error::bad_field(&f("probe_id"), "must be 1..=64 bytes"));
         }
+    }
+    if let Some(k) = &req.idempotency_key {
+        crate::idempotency::validate_key(&f("idempotency_key"), k)?;
     }
     Ok(outcome)
 }
@@ -768,6 +779,7 @@ mod tests {
             latency_ms: None,
             detail: None,
             probe_id: None,
+            idempotency_key: None,
         };
         assert_eq!(
             validate_observation(&r, "observations[2].")

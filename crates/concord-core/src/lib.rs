@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod error;
 pub mod fencing;
 pub mod fleet;
+pub mod idempotency;
 pub mod ids;
 pub mod lease;
 pub mod memory;

@@ -54,6 +54,12 @@ pub trait Agent: Send + Sync + 'static {
     fn describe(&self) -> Value {
         Value::Null
     }
+
+    /// The instance's role as last seen, for tools that need it while the hub
+    /// cannot be asked (the default space of a spooled `remember`).
+    fn last_role(&self) -> Option<concord_core::api::Role> {
+        None
+    }
 }
 
 /// One instance the tools act as: its id, entity, and a client with its session token.
@@ -218,6 +224,14 @@ impl ServerHandler for ConcordMcp {
             Err(e) => Err(e),
         };
         Ok(match result {
+            // Degraded mode: the write waits in the spool and will be delivered;
+            // for the model that is a result to note, not a failure to handle.
+            Err(e) if concord_client::spooled(&e) => CallToolResult::structured(json!({
+                "spooled": true,
+                "message": "hub unreachable; spooled, will be delivered when it returns",
+                "pending": e.details["pending"],
+                "idempotency_keys": e.details["idempotency_keys"],
+            })),
             Ok(value) => {
                 // structuredContent must be an object.
                 let value = match value {

@@ -8,7 +8,7 @@
 //! `dispatch`), write its argument struct below and add one entry to the table.
 
 use crate::Ctx;
-use concord_client::{pct, Method};
+use concord_client::{pct, Method, SpoolKind};
 use concord_core::api::{Role, SendMessageRequest};
 use concord_core::{Error, ErrorCode, Result};
 use futures::future::BoxFuture;
@@ -259,8 +259,11 @@ fn build() -> Vec<ToolDef> {
             "publish",
             Write,
             "Publish an event on a topic (dot-separated words, e.g. `crew.deploys`; `sys.` \
-             is reserved for the hub).",
-            |cx: Ctx, a: Publish| async move { to_value(cx.client().publish(&a.topic, a.data).await?) },
+             is reserved for the hub). The same `idempotency_key` again publishes nothing new. \
+             While the hub is unreachable the event is spooled and delivered when it returns.",
+            |cx: Ctx, a: Publish| async move {
+                cx.client().write(SpoolKind::Event, to_value(&a)?).await
+            },
         ),
         tool(
             "read_events",
@@ -328,11 +331,10 @@ fn build() -> Vec<ToolDef> {
             Write,
             "Put a task on a work queue. `requires` lists capabilities a worker must offer, \
              `target` an instance that alone may take it; the same `idempotency_key` again \
-             returns the first task instead of a new one.",
+             returns the first task instead of a new one. While the hub is unreachable the \
+             task is spooled and enqueued (once) when it returns.",
             |cx: Ctx, a: SubmitTask| async move {
-                cx.client()
-                    .call::<_, Value>(Method::POST, "/v1/tasks", Some(&a))
-                    .await
+                cx.client().write(SpoolKind::Task, to_value(&a)?).await
             },
         ),
         tool(
@@ -397,22 +399,38 @@ fn build() -> Vec<ToolDef> {
              only, fenced; the default for the primary), `instance` (your private scratch; \
              the default otherwise), `shared:NAME` (a commons any labelled instance may write) \
              or a full `entity:NAME` / `instance:ins_…`. An exact duplicate returns the \
-             existing memory.",
+             existing memory. While the hub is unreachable, writes to `shared:…` and your \
+             own instance space are spooled and delivered when it returns.",
             |cx: Ctx, mut a: Remember| async move {
-                let beat = cx.beat().await?;
-                let space = match a.space.take() {
-                    Some(s) => cx.space(&s),
-                    None if beat.role == Role::Primary => cx.space("entity"),
-                    None => cx.space("instance"),
+                // The heartbeat says the role and fence now; while the hub is away
+                // the last role seen decides the default space (a spoolable write
+                // must not wait on the hub).
+                let beat = match cx.beat().await {
+                    Ok(b) => Some(b),
+                    Err(e) if e.code == ErrorCode::Unavailable => None,
+                    Err(e) => return Err(e),
+                };
+                let role = beat
+                    .as_ref()
+                    .map(|b| b.role)
+                    .or_else(|| cx.agent().last_role());
+                let space = match (a.space.take(), role) {
+                    (Some(s), _) => cx.space(&s),
+                    (None, Some(Role::Primary)) => cx.space("entity"),
+                    (None, Some(_)) => cx.space("instance"),
+                    (None, None) => {
+                        return Err(Error::unavailable(
+                            "hub unreachable and this instance's role is not known yet: \
+                             give `space` (`instance` or `shared:NAME`); not spooled",
+                        ))
+                    }
                 };
                 if a.fence.is_none() && space == format!("entity:{}", cx.entity()) {
-                    a.fence = beat.fence;
+                    a.fence = beat.and_then(|b| b.fence);
                 }
                 let mut body = to_value(&a)?;
                 body["space"] = Value::String(space);
-                cx.client()
-                    .call::<_, Value>(Method::POST, "/v1/memories", Some(&body))
-                    .await
+                cx.client().write(SpoolKind::Memory, body).await
             },
         ),
         tool(
@@ -472,7 +490,7 @@ fn build() -> Vec<ToolDef> {
              shares one circuit breaker for it. Send `probe_id` when reporting a granted probe.",
             |cx: Ctx, a: Observation| async move {
                 cx.client()
-                    .call::<_, Value>(Method::POST, "/v1/observations", Some(&a))
+                    .write(SpoolKind::Observation, to_value(&a)?)
                     .await
             },
         ),
@@ -654,7 +672,7 @@ pub struct SetState {
     pub if_revision: Option<i64>,
 }
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Publish {
     /// Dot-separated words, e.g. `crew.deploys`.
@@ -662,6 +680,9 @@ pub struct Publish {
     /// Any JSON value.
     #[serde(default)]
     pub data: Value,
+    /// Publishing again with the same key publishes nothing new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -934,6 +955,9 @@ pub struct Observation {
     /// The probe this outcome answers, if it was a granted probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_id: Option<String>,
+    /// Reporting again with the same key does not count the outcome twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

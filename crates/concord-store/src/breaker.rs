@@ -21,6 +21,8 @@ pub struct NewObservation {
     pub subject: String,
     pub sample: Sample,
     pub token: String,
+    /// (scope, key): an observation already taken under it is not counted again.
+    pub idempotency: Option<(String, String)>,
 }
 
 impl NewObservation {
@@ -45,7 +47,9 @@ pub struct Prober {
 pub trait BreakerStore: Send + Sync {
     /// Records the observations (in order, one transaction) and applies each to
     /// its subject's breaker; a transition appends `sys.breaker.*` with who saw what.
-    async fn observe(&self, obs: Vec<NewObservation>, policies: &Policies) -> Result<()>;
+    /// An observation whose idempotency key was taken before is skipped; returns
+    /// how many were skipped so.
+    async fn observe(&self, obs: Vec<NewObservation>, policies: &Policies) -> Result<usize>;
     /// `None` for a subject never observed.
     async fn get_breaker(&self, subject: &str, policies: &Policies) -> Result<Option<BreakerView>>;
     /// Every breaker (in the state given, as seen now), by subject.

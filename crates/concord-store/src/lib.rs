@@ -141,10 +141,22 @@ pub trait EventStore: Send + Sync {
         source: concord_core::api::EventSource,
         data: serde_json::Value,
     ) -> Result<i64>;
+    /// Appends an event unless `key` was used for an event before in `scope`
+    /// (see `concord_core::idempotency`): then nothing is appended and the first
+    /// event's seq comes back with `true`. The check and the append are one
+    /// transaction, so two concurrent publishes with one key append one event.
+    async fn publish_once(
+        &self,
+        topic: &str,
+        source: concord_core::api::EventSource,
+        data: serde_json::Value,
+        scope: &str,
+        key: &str,
+    ) -> Result<(i64, bool)>;
     /// Events with seq <= this were removed by retention (0: none yet).
     async fn event_floor(&self) -> Result<i64>;
-    /// Removes events older than `max_age_ms` or beyond the newest `max_count`, and
-    /// inbox entries of instances that ended more than `inbox_retention_ms` ago.
+    /// Removes events older than `max_age_ms` or beyond the newest `max_count`,
+    /// idempotency keys older than `max_age_ms`, and inbox entries of instances that ended more than `inbox_retention_ms` ago.
     async fn prune(&self, max_age_ms: i64, max_count: i64, inbox_retention_ms: i64) -> Result<u64>;
     /// Resolves the address to live instances and delivers to each inbox, in one
     /// transaction; `not_found` when nobody live matches.

@@ -115,6 +115,7 @@ pub async fn observe(a: ObserveArgs) -> Result<()> {
             latency_ms: a.latency_ms,
             detail: a.detail,
             probe_id: a.probe_id,
+            idempotency_key: None,
         })
         .await
         .map_err(e)?;

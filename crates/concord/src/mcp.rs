@@ -8,6 +8,11 @@
 //! trying; if the hub forgot the instance meanwhile (it expired), the bridge
 //! registers a new one and `whoami` names both. stdout is the MCP channel: the
 //! bridge's own notes go to stderr.
+//!
+//! Degraded mode: writes that are safe to replay (memory to shared spaces or the
+//! instance's own, events, observations, enqueues) that find no hub wait in a
+//! spool file of this entity and label (`--spool-dir`), and the tool answers
+//! "spooled"; the bridge sends them, in order, once the hub answers a heartbeat.
 
 use crate::cli::Conn;
 use anyhow::{anyhow, Result};
@@ -56,6 +61,10 @@ pub struct McpArgs {
     /// For --role fork: the instance this one diverged from.
     #[arg(long)]
     forked_from: Option<String>,
+    /// Where writes wait while no hub answers (one file per entity and label).
+    /// Default: $XDG_STATE_HOME/concord/spool, else ~/.local/state/concord/spool.
+    #[arg(long, env = "CONCORD_SPOOL_DIR")]
+    spool_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     conn: Conn,
 }
@@ -152,7 +161,10 @@ impl Bridge {
                 .unwrap_or_default()
         );
         let registration = Registration {
-            client: self.agent.with_token(reg.session_token),
+            client: self
+                .agent
+                .with_token(reg.session_token)
+                .for_instance(reg.instance.id.clone()),
             id: reg.instance.id,
             role: reg.instance.role,
             fence: reg.fence,
@@ -192,6 +204,7 @@ impl Bridge {
                 }
                 self.write(|s| s.unreachable = None);
                 self.observed(&reg.id, &beat);
+                replay(&reg.client).await;
                 if self.wants_primary() && beat.role != Role::Primary {
                     self.campaign(&reg).await;
                 }
@@ -347,13 +360,87 @@ impl Agent for Bridge {
                 "hub_reachable": s.unreachable.is_none(),
                 "previous_instances": s.previous,
                 "wants_primary": self.wants_primary(),
+                "spool": self.agent.spool().map(|sp| json!({
+                    "path": sp.path(),
+                    "pending": sp.pending(),
+                    "rejected_path": sp.rejected_path(),
+                })),
             })
         })
     }
+
+    fn last_role(&self) -> Option<Role> {
+        self.read(|s| s.current.as_ref().map(|c| c.role))
+    }
+}
+
+/// Sends what the spool holds, now that a heartbeat says the hub answers with
+/// this session; reports on stderr what happened.
+pub(crate) async fn replay(client: &Client) {
+    if client.spool().is_none_or(|s| s.pending() == 0) {
+        return;
+    }
+    let report = client.replay_spool().await;
+    if report.delivered + report.rejected > 0 {
+        eprintln!(
+            "concord: spool replayed: {} delivered, {} rejected (see {})",
+            report.delivered,
+            report.rejected,
+            client
+                .spool()
+                .map(|s| s.rejected_path().display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    if let Some(e) = report.stopped {
+        eprintln!("concord: spool replay paused: {e}");
+    }
+}
+
+/// Opens the spool of this entity and label in `dir` (or the default directory),
+/// and puts `client` in degraded mode with it. A directory that was named but
+/// cannot be used is an error; with no directory to be found at all (no
+/// `$XDG_STATE_HOME` nor `$HOME`) the client runs without a spool, and says so.
+pub(crate) fn with_spool(
+    who: &str,
+    client: Client,
+    dir: Option<&std::path::Path>,
+    entity: &str,
+    label: &str,
+) -> Result<Client> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => match concord_client::spool::default_dir() {
+            Some(d) => d,
+            None => {
+                eprintln!(
+                    "concord {who}: no spool directory (set --spool-dir, $XDG_STATE_HOME or \
+                     $HOME): writes made while the hub is unreachable fail instead of waiting"
+                );
+                return Ok(client);
+            }
+        },
+    };
+    let spool = concord_client::Spool::open(&dir, entity, label)
+        .map_err(|e| anyhow!("cannot open the spool in {}: {e}", dir.display()))?;
+    if spool.pending() > 0 {
+        eprintln!(
+            "concord {who}: {} spooled writes wait in {}; sent once the hub answers",
+            spool.pending(),
+            spool.path().display()
+        );
+    }
+    Ok(client.with_spool(spool))
 }
 
 pub async fn run(args: McpArgs) -> Result<()> {
-    let agent = args.conn.client()?;
+    let agent = with_spool(
+        "mcp",
+        args.conn.client()?,
+        args.spool_dir.as_deref(),
+        &args.entity,
+        &args.label,
+    )?;
     if agent.token().is_none() {
         return Err(anyhow!(
             "no token: pass --token (an agent token of the entity) or set CONCORD_TOKEN"

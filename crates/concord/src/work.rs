@@ -5,6 +5,12 @@
 //! (as JSON if it parses, else as a string); anything else fails it with stderr and
 //! the exit code, to be retried per the task's policy. While CMD runs the claim is
 //! heartbeated, so a long task keeps its lease and a dead worker loses it.
+//!
+//! The worker's client runs in degraded mode with a spool of its entity and
+//! label (`--spool-dir`): spoolable writes made through it while no hub answers
+//! wait on disk, and every heartbeat that reaches the hub replays them. Task
+//! completions are not among them (they present a claim that lapses), so a
+//! completion the hub cannot take fails and the task is retried by its lease.
 
 use crate::cli::{e, Conn};
 use anyhow::{anyhow, Result};
@@ -45,6 +51,10 @@ pub struct WorkArgs {
     /// Stop after this many tasks (for scripts and tests).
     #[arg(long)]
     max_tasks: Option<usize>,
+    /// Where writes wait while no hub answers (one file per entity and label).
+    /// Default: $XDG_STATE_HOME/concord/spool, else ~/.local/state/concord/spool.
+    #[arg(long, env = "CONCORD_SPOOL_DIR")]
+    spool_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     conn: Conn,
     /// The command and its arguments, after `--`.
@@ -58,11 +68,14 @@ struct Session {
     client: Client,
 }
 
-async fn register(agent: &Client, args: &WorkArgs) -> Result<Session> {
-    let label = args
-        .label
+fn label(args: &WorkArgs) -> String {
+    args.label
         .clone()
-        .unwrap_or_else(|| format!("work {}", args.queues.join(",")));
+        .unwrap_or_else(|| format!("work {}", args.queues.join(",")))
+}
+
+async fn register(agent: &Client, args: &WorkArgs) -> Result<Session> {
+    let label = label(args);
     let reg = agent
         .register(&RegisterInstanceRequest {
             entity: args.entity.clone(),
@@ -84,8 +97,10 @@ async fn register(agent: &Client, args: &WorkArgs) -> Result<Session> {
         reg.instance.id, args.entity
     );
     Ok(Session {
+        client: agent
+            .with_token(reg.session_token)
+            .for_instance(reg.instance.id.clone()),
         id: reg.instance.id,
-        client: agent.with_token(reg.session_token),
     })
 }
 
@@ -103,8 +118,15 @@ pub async fn run(args: WorkArgs) -> Result<()> {
     if args.queues.is_empty() {
         return Err(anyhow!("give at least one queue"));
     }
-    let agent = args.conn.client()?;
+    let agent = crate::mcp::with_spool(
+        "work",
+        args.conn.client()?,
+        args.spool_dir.as_deref(),
+        &args.entity,
+        &label(&args),
+    )?;
     let session = Arc::new(RwLock::new(register(&agent, &args).await?));
+    crate::mcp::replay(&session.read().await.client).await;
     let stopping = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
     let args = Arc::new(args);
@@ -132,7 +154,7 @@ pub async fn run(args: WorkArgs) -> Result<()> {
                         }
                     }
                     Err(err) => eprintln!("concord work: heartbeat: {}", err.message),
-                    Ok(_) => {}
+                    Ok(_) => crate::mcp::replay(&c).await,
                 }
             }
         })

@@ -15,6 +15,7 @@ use concord_core::api::{
 };
 use concord_core::authz::{authorize, Action, Principal, Target};
 use concord_core::breaker::{self, Sample, MAX_BATCH};
+use concord_core::idempotency;
 use concord_core::Error;
 use concord_store::{NewObservation, Prober};
 use serde::Deserialize;
@@ -78,11 +79,18 @@ pub(crate) async fn observe(
                 at: 0,
             },
             token: p.token_id.clone(),
+            idempotency: r.idempotency_key.map(|k| (idempotency::scope(&p), k)),
         })
         .collect::<Vec<_>>();
     let accepted = obs.len();
-    s.store.observe(obs, &s.config.breakers).await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(Observed { accepted })))
+    let deduplicated = s.store.observe(obs, &s.config.breakers).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(Observed {
+            accepted,
+            deduplicated,
+        }),
+    ))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

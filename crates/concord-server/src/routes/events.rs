@@ -9,6 +9,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use concord_core::api::{EventSource, EventsPage, PublishRequest, Published};
 use concord_core::authz::{authorize, Action, Target};
+use concord_core::idempotency;
 use concord_core::topic::{is_reserved, validate_topic, PatternSet};
 use concord_core::validate::json_size;
 use concord_core::{Error, ErrorCode};
@@ -21,9 +22,11 @@ use std::time::Duration;
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 const MAX_WAIT_MS: u64 = 60_000;
 
-/// Publish an event. `sys.…` topics are the hub's own.
+/// Publish an event. `sys.…` topics are the hub's own. The same `idempotency_key`
+/// again (from the same entity) appends nothing and returns the first event's seq
+/// (200, `deduplicated`).
 #[utoipa::path(post, path = "/v1/events", tag = "events", request_body = PublishRequest,
-    responses((status = 201, body = Published)))]
+    responses((status = 201, body = Published), (status = 200, body = Published)))]
 pub(crate) async fn publish(
     State(s): State<Arc<AppState>>,
     Caller(p): Caller,
@@ -31,6 +34,9 @@ pub(crate) async fn publish(
 ) -> ApiResult<(StatusCode, axum::Json<Published>)> {
     validate_topic("topic", &req.topic)?;
     json_size("data", &req.data, MAX_EVENT_BYTES)?;
+    if let Some(k) = &req.idempotency_key {
+        idempotency::validate_key("idempotency_key", k)?;
+    }
     authorize(
         &p,
         Action::EventPublish,
@@ -52,8 +58,20 @@ pub(crate) async fn publish(
         entity: p.entity.clone(),
         token: Some(p.token_id.clone()),
     };
-    let seq = s.store.publish(&req.topic, source, req.data).await?;
-    Ok((StatusCode::CREATED, axum::Json(Published { seq })))
+    let (seq, deduplicated) = match &req.idempotency_key {
+        Some(key) => {
+            s.store
+                .publish_once(&req.topic, source, req.data, &idempotency::scope(&p), key)
+                .await?
+        }
+        None => (s.store.publish(&req.topic, source, req.data).await?, false),
+    };
+    let status = if deduplicated {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, axum::Json(Published { seq, deduplicated })))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

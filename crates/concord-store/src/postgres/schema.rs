@@ -337,6 +337,23 @@ CREATE TABLE lease_counter (id INTEGER PRIMARY KEY, fence BIGINT NOT NULL);
 INSERT INTO lease_counter (id, fence) VALUES (1, 0);
 "#,
     ),
+    (
+        7,
+        r#"
+-- Idempotency keys of writes that have no row of their own to carry one
+-- (event publishes, observations): kind, the caller's scope, the key, and
+-- the result to answer again (an event's seq). Pruned with the event log.
+CREATE TABLE request_keys (
+    kind       TEXT COLLATE "C" NOT NULL,
+    scope      TEXT COLLATE "C" NOT NULL,
+    key        TEXT COLLATE "C" NOT NULL,
+    result     BIGINT,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (kind, scope, key)
+);
+CREATE INDEX request_keys_created ON request_keys(created_at);
+"#,
+    ),
 ];
 
 /// Creates the schema if asked, applies the migrations not yet recorded in

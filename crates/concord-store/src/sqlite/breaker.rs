@@ -1,6 +1,7 @@
 //! The SQLite side of breakers. The single writer serializes every transition,
 //! so a load-decide-save runs without interleaving.
 
+use super::events::{prior_key, record_key};
 use super::ops::append_event;
 use super::{db_err, SqliteStore};
 use crate::breaker::*;
@@ -9,6 +10,7 @@ use concord_core::api::EventSource;
 use concord_core::breaker::{
     Breaker, BreakerState, BreakerView, Outcome, Policies, Probe, ProbeResponse, Sample,
 };
+use concord_core::idempotency::KeyKind;
 use concord_core::{ids, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -83,7 +85,14 @@ fn samples(c: &Connection, subject: &str, after: i64) -> Result<Vec<Sample>> {
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
 }
 
-fn observe_one(c: &Connection, now: i64, o: &NewObservation, policies: &Policies) -> Result<()> {
+/// Applies one observation; false if its idempotency key was taken before.
+fn observe_one(c: &Connection, now: i64, o: &NewObservation, policies: &Policies) -> Result<bool> {
+    if let Some((scope, key)) = &o.idempotency {
+        if prior_key(c, KeyKind::Observation, scope, key)?.is_some() {
+            return Ok(false);
+        }
+        record_key(c, now, KeyKind::Observation, scope, key, None)?;
+    }
     let policy = policies.for_subject(&o.subject);
     let s = &o.sample;
     c.prepare_cached("INSERT INTO observations (subject, outcome, latency_ms, instance, entity, host, detail, probe_id, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
@@ -103,7 +112,7 @@ fn observe_one(c: &Connection, now: i64, o: &NewObservation, policies: &Policies
         let (topic, data) = change_event(ch, &o.subject, &b, Some(&sample));
         append_event(c, now, topic, &o.source(), data)?;
     }
-    Ok(())
+    Ok(true)
 }
 
 fn view(
@@ -120,14 +129,17 @@ fn view(
 
 #[async_trait]
 impl BreakerStore for SqliteStore {
-    async fn observe(&self, obs: Vec<NewObservation>, policies: &Policies) -> Result<()> {
+    async fn observe(&self, obs: Vec<NewObservation>, policies: &Policies) -> Result<usize> {
         let policies = policies.clone();
         self.writer
             .write(move |c, now| {
+                let mut skipped = 0;
                 for o in &obs {
-                    observe_one(c, now, o, &policies)?;
+                    if !observe_one(c, now, o, &policies)? {
+                        skipped += 1;
+                    }
                 }
-                Ok(())
+                Ok(skipped)
             })
             .await
     }

@@ -7,11 +7,60 @@ use crate::EventStore;
 use async_trait::async_trait;
 use concord_core::address::Address;
 use concord_core::api::{EventSource, InboxMessage, InstanceState, MessageFrom, SentMessage};
+use concord_core::idempotency::KeyKind;
 use concord_core::{Error, Result, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
 const FLOOR_KEY: &str = "events_floor";
+
+/// The result recorded under an idempotency key: `Some(result)` if the key was
+/// taken before (the result may itself be absent, for observations).
+pub(crate) fn prior_key(
+    c: &Connection,
+    kind: KeyKind,
+    scope: &str,
+    key: &str,
+) -> Result<Option<Option<i64>>> {
+    c.prepare_cached("SELECT result FROM request_keys WHERE kind = ?1 AND scope = ?2 AND key = ?3")
+        .and_then(|mut st| {
+            st.query_row(params![kind.as_str(), scope, key], |r| r.get(0))
+                .optional()
+        })
+        .map_err(db_err)
+}
+
+/// Takes an idempotency key (the caller checked [`prior_key`] in this transaction).
+pub(crate) fn record_key(
+    c: &Connection,
+    now: i64,
+    kind: KeyKind,
+    scope: &str,
+    key: &str,
+    result: Option<i64>,
+) -> Result<()> {
+    c.prepare_cached("INSERT INTO request_keys (kind, scope, key, result, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
+        .and_then(|mut st| st.execute(params![kind.as_str(), scope, key, result, now]))
+        .map_err(db_err)?;
+    Ok(())
+}
+
+fn publish_once(
+    c: &Connection,
+    now: i64,
+    topic: &str,
+    source: &EventSource,
+    data: Value,
+    scope: &str,
+    key: &str,
+) -> Result<(i64, bool)> {
+    if let Some(prior) = prior_key(c, KeyKind::Event, scope, key)? {
+        return Ok((prior.unwrap_or_default(), true));
+    }
+    let seq = append_event(c, now, topic, source, data)?;
+    record_key(c, now, KeyKind::Event, scope, key, Some(seq))?;
+    Ok((seq, false))
+}
 
 fn event_floor(c: &Connection) -> Result<i64> {
     c.query_row(
@@ -57,6 +106,12 @@ fn prune(
         )
         .map_err(db_err)?;
     }
+    removed += c
+        .execute(
+            "DELETE FROM request_keys WHERE created_at < ?1",
+            [now - max_age_ms],
+        )
+        .map_err(db_err)? as u64;
     removed += c
         .execute(
             "DELETE FROM inbox WHERE instance IN (SELECT id FROM instances WHERE state != 'live' AND ended_at < ?1)",
@@ -233,6 +288,20 @@ impl EventStore for SqliteStore {
         let topic = topic.to_string();
         self.writer
             .write(move |c, now| append_event(c, now, &topic, &source, data))
+            .await
+    }
+
+    async fn publish_once(
+        &self,
+        topic: &str,
+        source: EventSource,
+        data: Value,
+        scope: &str,
+        key: &str,
+    ) -> Result<(i64, bool)> {
+        let (topic, scope, key) = (topic.to_string(), scope.to_string(), key.to_string());
+        self.writer
+            .write(move |c, now| publish_once(c, now, &topic, &source, data, &scope, &key))
             .await
     }
 

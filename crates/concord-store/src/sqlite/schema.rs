@@ -316,6 +316,23 @@ CREATE TABLE lease_counter (id INTEGER PRIMARY KEY, fence INTEGER NOT NULL);
 INSERT INTO lease_counter (id, fence) VALUES (1, 0);
 "#,
     ),
+    (
+        7,
+        r#"
+-- Idempotency keys of writes that have no row of their own to carry one
+-- (event publishes, observations): kind, the caller's scope, the key, and
+-- the result to answer again (an event's seq). Pruned with the event log.
+CREATE TABLE request_keys (
+    kind       TEXT NOT NULL,
+    scope      TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    result     INTEGER,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, scope, key)
+);
+CREATE INDEX request_keys_created ON request_keys(created_at);
+"#,
+    ),
 ];
 
 /// Applies the migrations not yet recorded in `schema_migrations`.

@@ -55,6 +55,7 @@ fn obs(inst: &str, subject: &str, outcome: Outcome, probe: Option<&str>) -> NewO
             at: 0,
         },
         token: "tok_t".into(),
+        idempotency: None,
     }
 }
 

@@ -12,6 +12,7 @@ mod harness;
 
 mod coordination;
 mod events;
+mod idempotency;
 mod instances;
 mod memory;
 mod messages;

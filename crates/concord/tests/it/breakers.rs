@@ -16,6 +16,7 @@ fn o(subject: &str, outcome: &str, probe: Option<&str>) -> ObservationRequest {
         latency_ms: Some(840),
         detail: Some("HTTP 529 overloaded".into()),
         probe_id: probe.map(str::to_string),
+        idempotency_key: None,
     }
 }
 

@@ -304,6 +304,7 @@ async fn paused_primaries_and_workers_are_fenced_after_they_resume() {
         ])
         .env("CONCORD_URL", &hub.url)
         .env("CONCORD_TOKEN", &hub.admin)
+        .env("CONCORD_SPOOL_DIR", hub.dir.join("spool"))
         .stdout(std::process::Stdio::null())
         .stderr(log.reopen().unwrap())
         .spawn()

@@ -26,6 +26,7 @@ impl Peer {
             .args(["--ttl-ms", "2000", "--", "sh", "-c", script])
             .env("CONCORD_URL", &hub.url)
             .env("CONCORD_TOKEN", &hub.admin)
+            .env("CONCORD_SPOOL_DIR", hub.dir.join("spool"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -19,5 +19,6 @@ mod memory;
 mod primaries;
 mod queue;
 mod replicas;
+mod spool;
 mod tokens;
 mod ui;

@@ -596,6 +596,7 @@ async fn the_shell_worker_runs_any_script() {
         ])
         .env("CONCORD_URL", &hub.url)
         .env("CONCORD_TOKEN", &hub.admin)
+        .env("CONCORD_SPOOL_DIR", hub.dir.join("spool"))
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), out)
         .await

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use concord_core::breaker::{
     Breaker, BreakerState, BreakerView, Outcome, Policies, Probe, ProbeResponse, Sample,
 };
+use concord_core::idempotency::KeyKind;
 use concord_core::Result;
 
 const COLS: &str =
@@ -83,7 +84,13 @@ async fn samples<C: GenericClient>(c: &C, subject: &str, after: i64) -> R<Vec<Sa
         .collect()
 }
 
-async fn observe_one(t: &mut Tx<'_>, o: &NewObservation, policies: &Policies) -> R<()> {
+/// Applies one observation; false if its idempotency key was taken before.
+async fn observe_one(t: &mut Tx<'_>, o: &NewObservation, policies: &Policies) -> R<bool> {
+    if let Some((scope, key)) = &o.idempotency {
+        if !super::events::take_key(t, KeyKind::Observation, scope, key).await? {
+            return Ok(false);
+        }
+    }
     let policy = policies.for_subject(&o.subject);
     // Lock first: the window read below must include every observation committed
     // before this transition.
@@ -112,7 +119,7 @@ async fn observe_one(t: &mut Tx<'_>, o: &NewObservation, policies: &Policies) ->
         let (topic, data) = change_event(ch, &o.subject, &b, Some(&sample));
         t.event(topic, &o.source(), data);
     }
-    Ok(())
+    Ok(true)
 }
 
 async fn view<C: GenericClient>(
@@ -129,7 +136,7 @@ async fn view<C: GenericClient>(
 
 #[async_trait]
 impl BreakerStore for PostgresStore {
-    async fn observe(&self, obs: Vec<NewObservation>, policies: &Policies) -> Result<()> {
+    async fn observe(&self, obs: Vec<NewObservation>, policies: &Policies) -> Result<usize> {
         let policies = policies.clone();
         let mut obs = obs;
         // One lock order across replicas: subjects in name order.
@@ -138,10 +145,13 @@ impl BreakerStore for PostgresStore {
             .write(move |t| {
                 let (obs, policies) = (obs.clone(), policies.clone());
                 Box::pin(async move {
+                    let mut skipped = 0;
                     for o in &obs {
-                        observe_one(t, o, &policies).await?;
+                        if !observe_one(t, o, &policies).await? {
+                            skipped += 1;
+                        }
                     }
-                    Ok(())
+                    Ok(skipped)
                 })
             })
             .await

@@ -7,6 +7,7 @@ use crate::EventStore;
 use async_trait::async_trait;
 use concord_core::address::Address;
 use concord_core::api::{InboxMessage, MessageFrom, SentMessage};
+use concord_core::idempotency::KeyKind;
 use concord_core::Result;
 
 const FLOOR_KEY: &str = "events_floor";
@@ -64,6 +65,12 @@ async fn prune(t: &mut Tx<'_>, max_age_ms: i64, max_count: i64, inbox_retention_
         )
         .await?;
     }
+    removed += exec(
+        &t.c,
+        "DELETE FROM request_keys WHERE created_at < $1",
+        &[&age_cut],
+    )
+    .await?;
     let ended_before = t.now - inbox_retention_ms;
     removed += exec(
         &t.c,
@@ -232,6 +239,51 @@ async fn publish(t: &mut Tx<'_>, topic: &str, source: &EventSource, data: &Value
     t.seq_of(idx)
 }
 
+/// Takes an idempotency key in this transaction; false if it was taken before.
+/// The insert waits for a concurrent transaction holding the same key, so of two
+/// racing writers exactly one takes it.
+pub(super) async fn take_key(t: &Tx<'_>, kind: KeyKind, scope: &str, key: &str) -> R<bool> {
+    Ok(exec(
+        &t.c,
+        "INSERT INTO request_keys (kind, scope, key, result, created_at) VALUES ($1, $2, $3, NULL, $4) \
+         ON CONFLICT (kind, scope, key) DO NOTHING",
+        &[&kind.as_str(), &scope, &key, &t.now],
+    )
+    .await?
+        == 1)
+}
+
+async fn publish_once(
+    t: &mut Tx<'_>,
+    topic: &str,
+    source: &EventSource,
+    data: &Value,
+    scope: &str,
+    key: &str,
+) -> R<(i64, bool)> {
+    if !take_key(t, KeyKind::Event, scope, key).await? {
+        let prior: Option<i64> = get(
+            &row_one(
+                &t.c,
+                "SELECT result FROM request_keys WHERE kind = $1 AND scope = $2 AND key = $3",
+                &[&KeyKind::Event.as_str(), &scope, &key],
+            )
+            .await?,
+            0,
+        )?;
+        return Ok((prior.unwrap_or_default(), true));
+    }
+    let seq = publish(t, topic, source, data).await?;
+    // The key's row is already ours: this takes no new lock after the event counter's.
+    exec(
+        &t.c,
+        "UPDATE request_keys SET result = $4 WHERE kind = $1 AND scope = $2 AND key = $3",
+        &[&KeyKind::Event.as_str(), &scope, &key, &seq],
+    )
+    .await?;
+    Ok((seq, false))
+}
+
 #[async_trait]
 impl EventStore for PostgresStore {
     async fn publish(&self, topic: &str, source: EventSource, data: Value) -> Result<i64> {
@@ -240,6 +292,24 @@ impl EventStore for PostgresStore {
             .write(move |t| {
                 let (topic, source, data) = (topic.clone(), source.clone(), data.clone());
                 Box::pin(async move { publish(t, &topic, &source, &data).await })
+            })
+            .await
+    }
+
+    async fn publish_once(
+        &self,
+        topic: &str,
+        source: EventSource,
+        data: Value,
+        scope: &str,
+        key: &str,
+    ) -> Result<(i64, bool)> {
+        let (topic, scope, key) = (topic.to_string(), scope.to_string(), key.to_string());
+        self.inner
+            .write(move |t| {
+                let (topic, source, data) = (topic.clone(), source.clone(), data.clone());
+                let (scope, key) = (scope.clone(), key.clone());
+                Box::pin(async move { publish_once(t, &topic, &source, &data, &scope, &key).await })
             })
             .await
     }
