@@ -12,6 +12,7 @@ mod dispatch;
 mod events;
 mod failover;
 mod fleet;
+mod fuzz;
 mod leases;
 mod limits;
 mod mcp;
