@@ -50,7 +50,7 @@ fn schemathesis() -> Option<PathBuf> {
 #[test]
 fn the_api_survives_schemathesis() {
     let Some(st) = schemathesis() else { return };
-    let hub = Hub::start_with(&["--durability", "normal"]);
+    let hub = Hub::start();
     let examples = std::env::var("CONCORD_FUZZ_EXAMPLES").unwrap_or_else(|_| "10".into());
     let seed = std::env::var("CONCORD_FUZZ_SEED").unwrap_or_else(|_| "1".into());
     let workdir = tempfile::tempdir().expect("tempdir");
