@@ -696,7 +696,7 @@ async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -
     let before = store_counters(url).await?;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
-    tokio::time::sleep(measure).await;
+    crate::bench_progress::measure("heartbeat", measure).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
     let after = store_counters(url).await?;
@@ -827,7 +827,7 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
     tokio::time::sleep(Duration::from_secs(1)).await;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.duration.max(1))).await;
+    crate::bench_progress::measure("queue", Duration::from_secs(args.duration.max(1))).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
@@ -911,7 +911,7 @@ where
     tokio::time::sleep(Duration::from_secs(1)).await;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
+    crate::bench_progress::measure("load", Duration::from_secs(secs.max(1))).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);

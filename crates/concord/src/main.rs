@@ -4,6 +4,7 @@
 mod baselines;
 mod bench;
 mod bench_memory;
+mod bench_progress;
 mod bench_report;
 mod cli;
 mod coordination_cli;
