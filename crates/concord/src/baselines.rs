@@ -524,3 +524,83 @@ pub async fn http_ceiling(conc: usize, secs: u64) -> Result<Report> {
     server.abort();
     Ok(r.named("axum-echo"))
 }
+
+// ---------- SQLite FTS5 over the same memories ----------
+
+/// SQLite's own full-text search (FTS5, BM25 `rank`) over the texts of the same
+/// corpus Concord's recall suite ingests, queried with the same query texts (words
+/// OR-ed, as Concord's recall treats them), top 10, one read connection per worker
+/// on a blocking thread. It applies no visibility filter, so it does less work
+/// per query than Concord's recall.
+pub async fn sqlite_fts5(memories: usize, conc: usize, secs: u64) -> Option<Report> {
+    match sqlite_fts5_inner(memories, conc, secs).await {
+        Ok(r) => Some(r.named("sqlite-fts5")),
+        Err(e) => skipped("sqlite-fts5", e),
+    }
+}
+
+async fn sqlite_fts5_inner(memories: usize, conc: usize, secs: u64) -> Result<Report> {
+    use crate::bench_memory::Corpus;
+    use rand::{rngs::StdRng, SeedableRng};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("fts.db");
+    let corpus = Arc::new(Corpus::new());
+    {
+        let (path, corpus) = (path.clone(), corpus.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut db = rusqlite::Connection::open(&path)?;
+            db.execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE VIRTUAL TABLE fts USING fts5(text);",
+            )?;
+            let tx = db.transaction()?;
+            {
+                let mut ins = tx.prepare("INSERT INTO fts (rowid, text) VALUES (?1, ?2)")?;
+                for i in 0..memories {
+                    let m = corpus.memory(i, 8);
+                    ins.execute(rusqlite::params![i as i64 + 1, m.text])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await??;
+    }
+    type Worker = Arc<std::sync::Mutex<(rusqlite::Connection, StdRng)>>;
+    let mut workers: Vec<Worker> = Vec::with_capacity(conc.max(1));
+    for w in 0..conc.max(1) {
+        let db = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        workers.push(Arc::new(std::sync::Mutex::new((
+            db,
+            StdRng::seed_from_u64(w as u64),
+        ))));
+    }
+    let workers = Arc::new(workers);
+    let report = load(conc, secs, move |w| {
+        let (slot, corpus) = (workers[w].clone(), corpus.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || -> Result<u64> {
+                let mut guard = slot.lock().map_err(|_| anyhow!("worker poisoned"))?;
+                let (db, rng) = &mut *guard;
+                let (text, _) = corpus.query(rng);
+                let expr = text
+                    .split_whitespace()
+                    .map(|w| format!("\"{w}\""))
+                    .collect::<Vec<_>>()
+                    .join(" OR ");
+                let mut q = db.prepare_cached(
+                    "SELECT rowid FROM fts WHERE fts MATCH ?1 ORDER BY rank LIMIT 10",
+                )?;
+                let hits = q.query_map([expr], |r| r.get::<_, i64>(0))?.count();
+                std::hint::black_box(hits);
+                Ok(1)
+            })
+            .await?
+        })
+    })
+    .await?;
+    drop(dir);
+    Ok(report)
+}

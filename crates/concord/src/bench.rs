@@ -377,6 +377,7 @@ async fn baselines(args: &BenchArgs, suite: Suite) -> Vec<Report> {
         Suite::Events => {
             vec![b::nats_events(&args.baseline_nats, EVENT_SUBSCRIBERS, EVENT_RATE, d).await]
         }
+        Suite::Recall => vec![b::sqlite_fts5(args.memories, c, d).await],
         _ => vec![],
     };
     let suite_name = match suite {
@@ -384,6 +385,7 @@ async fn baselines(args: &BenchArgs, suite: Suite) -> Vec<Report> {
         Suite::QueueBatch => "queue-batch-100",
         Suite::Heartbeat => "heartbeat",
         Suite::Events => "events",
+        Suite::Recall => "recall",
         _ => "",
     };
     found

@@ -20,6 +20,7 @@ struct Acked {
     state_writes: Vec<(String, i64, u64)>,
     enqueued: HashSet<String>,
     completed: HashMap<String, u32>,
+    memories: HashSet<String>,
     ops: u64,
 }
 
@@ -52,7 +53,7 @@ async fn worker_loop(admin: Client, acked: Arc<Mutex<Acked>>, stop: Arc<AtomicBo
     while !stop.load(Ordering::Relaxed) {
         i += 1;
         let res: Result<(), concord_core::Error> = async {
-            match i % 5 {
+            match i % 6 {
                 0 => {
                     let r = admin
                         .register(&reg(&entity, Role::Secondary, Some(&format!("extra {i}"))))
@@ -99,6 +100,11 @@ async fn worker_loop(admin: Client, acked: Arc<Mutex<Acked>>, stop: Arc<AtomicBo
                         }
                     }
                 }
+                4 => {
+                    let m = concord_client::memory("shared:chaos", &format!("chaos {w} {i}"));
+                    let written = me.remember(&m).await?;
+                    acked.lock().unwrap().memories.insert(written.memory.id);
+                }
                 _ => {
                     me.heartbeat(&me_reg.instance.id).await?;
                 }
@@ -117,6 +123,24 @@ async fn worker_loop(admin: Client, acked: Arc<Mutex<Acked>>, stop: Arc<AtomicBo
 #[tokio::test]
 async fn kill_9_cycles_lose_nothing_acknowledged() {
     let mut hub = Hub::start();
+    kill_9_cycles(&mut hub, "sqlite").await;
+}
+
+#[tokio::test]
+async fn kill_9_cycles_on_postgres_lose_nothing_acknowledged() {
+    let Some(mut c) = Cluster::start(
+        "chaos::kill_9_cycles_on_postgres_lose_nothing_acknowledged",
+        1,
+    ) else {
+        return;
+    };
+    kill_9_cycles(&mut c.hubs[0], "postgres").await;
+    c.finish().await;
+}
+
+/// The body of both crash suites: `cycles()` rounds of mixed load, `kill -9` at a
+/// random moment, restart; then the checker.
+async fn kill_9_cycles(hub: &mut Hub, backend: &str) {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut epochs: HashMap<String, u64> = HashMap::new();
     let n = cycles();
@@ -198,6 +222,12 @@ async fn kill_9_cycles_lose_nothing_acknowledged() {
             lost_tasks += 1;
         }
     }
+    let mut lost_memories = 0;
+    for id in &a.memories {
+        if admin.memory(id, false).await.is_err() {
+            lost_memories += 1;
+        }
+    }
     let mut double = 0;
     let mut not_completed = 0;
     for (id, n) in &a.completed {
@@ -209,18 +239,26 @@ async fn kill_9_cycles_lose_nothing_acknowledged() {
         }
     }
     eprintln!(
-        "chaos: {n} cycles, {} operations acknowledged ({} registrations, {} state writes, {} enqueues, {} completions); \
+        "chaos ({backend}): {n} cycles, {} operations acknowledged ({} registrations, {} state writes, {} enqueues, {} completions, {} memory writes); \
          lost {}, double-completed {double}, completion lost {not_completed}",
         a.ops,
         a.registrations.len(),
         a.state_writes.len(),
         a.enqueued.len(),
         a.completed.len(),
-        lost_regs + lost_state + lost_tasks
+        a.memories.len(),
+        lost_regs + lost_state + lost_tasks + lost_memories
     );
     assert_eq!(
-        (lost_regs, lost_state, lost_tasks, double, not_completed),
-        (0, 0, 0, 0, 0)
+        (
+            lost_regs,
+            lost_state,
+            lost_tasks,
+            lost_memories,
+            double,
+            not_completed
+        ),
+        (0, 0, 0, 0, 0, 0)
     );
 }
 
