@@ -14,10 +14,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// The `schemathesis` executable: `$CONCORD_SCHEMATHESIS`, the repo's `.venv`
 /// (`.ci/run` installs it there), or PATH.
 fn schemathesis() -> Option<PathBuf> {
@@ -40,7 +36,7 @@ fn schemathesis() -> Option<PathBuf> {
         }
     }
     let msg = "fuzz: SKIPPED: schemathesis not found (`.venv/bin/pip install schemathesis`)";
-    if std::env::var("CONCORD_REQUIRE_ALL").as_deref() == Ok("1") {
+    if require_all() {
         panic!("CONCORD_REQUIRE_ALL=1 but {msg}");
     }
     eprintln!("{msg}");

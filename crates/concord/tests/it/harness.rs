@@ -10,6 +10,16 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_concord");
 
+/// The repository root (scripts, `.venv`, `tests/` live there).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `CONCORD_REQUIRE_ALL=1`: a test that would skip for want of a tool fails instead.
+pub fn require_all() -> bool {
+    std::env::var("CONCORD_REQUIRE_ALL").as_deref() == Ok("1")
+}
+
 pub struct Hub {
     pub child: Option<Child>,
     pub url: String,

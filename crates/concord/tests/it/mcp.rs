@@ -21,16 +21,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn scripts() -> PathBuf {
     repo_root().join("tests/mcp")
-}
-
-fn require_all() -> bool {
-    std::env::var("CONCORD_REQUIRE_ALL").as_deref() == Ok("1")
 }
 
 /// A Python that can `import mcp` (2.x), or None after saying why on stderr.

@@ -18,14 +18,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn require_all() -> bool {
-    std::env::var("CONCORD_REQUIRE_ALL").as_deref() == Ok("1")
-}
-
 /// A browser client: no redirects followed, so each answer is seen as sent.
 fn browser() -> reqwest::Client {
     reqwest::Client::builder()
