@@ -535,10 +535,7 @@ impl Client {
             match req.send().await {
                 Ok(resp) if resp.status().is_success() => {
                     self.current.store(idx, Ordering::Relaxed);
-                    return Ok(EventStream {
-                        resp,
-                        buf: Vec::new(),
-                    });
+                    return Ok(EventStream::new(resp));
                 }
                 Ok(resp) => {
                     return decode::<Value>(resp)
@@ -664,15 +661,32 @@ pub enum StreamItem {
 pub struct EventStream {
     resp: reqwest::Response,
     buf: Vec<u8>,
+    /// Where the unread part of `buf` begins. Frames are consumed by moving this,
+    /// and the buffer is compacted only when more bytes arrive, so a chunk holding
+    /// hundreds of frames is not shifted once per frame.
+    read: usize,
 }
 
 impl EventStream {
+    fn new(resp: reqwest::Response) -> EventStream {
+        EventStream {
+            resp,
+            buf: Vec::new(),
+            read: 0,
+        }
+    }
+
     /// The next event; `None` when the hub closed the stream.
     pub async fn next(&mut self) -> Result<Option<StreamItem>> {
         loop {
-            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let frame: Vec<u8> = self.buf.drain(..pos + 2).collect();
-                let text = String::from_utf8_lossy(&frame);
+            let unread = &self.buf[self.read..];
+            if let Some(pos) = memchr::memmem::find(unread, b"\n\n") {
+                let frame = &unread[..pos];
+                self.read += pos + 2;
+                let text = match std::str::from_utf8(frame) {
+                    Ok(t) => std::borrow::Cow::Borrowed(t),
+                    Err(_) => String::from_utf8_lossy(frame),
+                };
                 let mut event = None;
                 let mut data = String::new();
                 for line in text.lines() {
@@ -685,20 +699,28 @@ impl EventStream {
                 if data.is_empty() {
                     continue; // a keep-alive comment
                 }
-                let value: Value = serde_json::from_str(&data)
-                    .map_err(|e| Error::internal(format!("bad event data from the hub: {e}")))?;
                 return Ok(Some(match event.as_deref() {
-                    Some("cursor_expired") | Some("error") => StreamItem::Error(
-                        Error::from_body(&value).unwrap_or_else(|| Error::internal("stream error")),
-                    ),
+                    Some("cursor_expired") | Some("error") => {
+                        let value: Value = serde_json::from_str(&data).map_err(|e| {
+                            Error::internal(format!("bad event data from the hub: {e}"))
+                        })?;
+                        StreamItem::Error(
+                            Error::from_body(&value)
+                                .unwrap_or_else(|| Error::internal("stream error")),
+                        )
+                    }
                     _ => StreamItem::Event(
-                        serde_json::from_value(value)
+                        serde_json::from_str(&data)
                             .map_err(|e| Error::internal(format!("bad event: {e}")))?,
                     ),
                 }));
             }
             match self.resp.chunk().await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(Some(chunk)) => {
+                    self.buf.drain(..self.read);
+                    self.read = 0;
+                    self.buf.extend_from_slice(&chunk);
+                }
                 Ok(None) => return Ok(None),
                 Err(e) => return Err(Error::unavailable(format!("event stream broke: {e}"))),
             }

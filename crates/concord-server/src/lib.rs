@@ -156,7 +156,7 @@ pub struct AppState {
     pub(crate) primary_released: watch::Sender<u64>,
     pub(crate) started: Instant,
     /// Every committed event, in seq order, from the log tail (see `bus.rs`).
-    pub(crate) bus: tokio::sync::broadcast::Sender<Arc<concord_core::api::Event>>,
+    pub(crate) bus: tokio::sync::broadcast::Sender<Arc<bus::BusEvent>>,
     pub(crate) subscribers: bus::SubscriberCount,
     pub memory: MemoryService,
     /// A client of this hub's own HTTP API (its listen address), set once the

@@ -25,7 +25,7 @@ pub(crate) async fn run(state: Arc<AppState>, mut cursor: i64, mut stop: watch::
                         apply(&state, &e);
                         cursor = e.seq;
                         // No receivers is fine: nobody is subscribed right now.
-                        let _ = state.bus.send(Arc::new(e));
+                        let _ = state.bus.send(Arc::new(crate::bus::BusEvent::new(e)));
                     }
                     if n < BATCH {
                         break;

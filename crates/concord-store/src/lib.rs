@@ -129,6 +129,16 @@ pub trait Store:
     /// hint from other replicas. A wake-up signal only: readers fetch the events
     /// themselves with [`Store::read_events`].
     fn watch_events(&self) -> tokio::sync::watch::Receiver<i64>;
+
+    /// Changes when the memory log may have moved: what wakes the recall index and
+    /// the embedder. A wake-up hint, as [`Store::watch_events`]; by default the
+    /// same (every commit that appended events, which memory writes do, and on
+    /// PostgreSQL every other replica's NOTIFY). SQLite narrows it to commits that
+    /// took a memory-log position, so a queue or event load does not make the
+    /// recall index re-read the store after every group commit.
+    fn watch_memory(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.watch_events()
+    }
 }
 
 /// The event log's write side and agent inboxes (DESIGN §6).

@@ -97,10 +97,10 @@ impl Embedder {
     }
 }
 
-/// Fills in pending embeddings until `stop`. Woken by every commit (the event
-/// watch: memory writes append events), so a new memory is embedded promptly.
+/// Fills in pending embeddings until `stop`. Woken by every commit that moved the
+/// memory log (`Store::watch_memory`), so a new memory is embedded promptly.
 pub async fn fill(state: Arc<AppState>, embedder: Arc<Embedder>, mut stop: watch::Receiver<bool>) {
-    let mut events = state.store.watch_events();
+    let mut events = state.store.watch_memory();
     let mut backoff = Duration::from_millis(200);
     loop {
         if *stop.borrow() {

@@ -7,9 +7,10 @@
 //! - [`embedder`]: the optional OpenAI-compatible embedder and its fill-in task.
 //!
 //! One applier task follows the memory log (`memory_changes` after the
-//! watermark) and applies each batch to both indexes; it runs when any commit is
-//! announced (the event watch: every memory change appends an event in its
-//! transaction, and on PostgreSQL other replicas' commits arrive by NOTIFY), and
+//! watermark) and applies each batch to both indexes; it runs when a commit that
+//! may have moved the memory log is announced (`Store::watch_memory`: on SQLite
+//! the writer's note of memory-log positions taken, on PostgreSQL every commit
+//! and other replicas' NOTIFY), and
 //! on demand: a handler that wrote a memory calls [`RecallIndex::sync`] before it
 //! answers, so the writer's next recall on this replica sees its write
 //! (read-your-writes). Concurrent `sync` calls share one pass, like a group commit.
@@ -427,7 +428,7 @@ impl RecallIndex {
         let Some(mut inbox) = self.inbox.lock().ok().and_then(|mut i| i.take()) else {
             return;
         };
-        let mut events = self.store.watch_events();
+        let mut events = self.store.watch_memory();
         let mut save = tokio::time::interval(SAVE_EVERY);
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut saved_mark = self.vector_mark.load(Ordering::SeqCst);

@@ -4,9 +4,9 @@ use crate::error::ApiResult;
 use crate::extract::{Caller, Json, Query};
 use crate::AppState;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use concord_core::api::{EventSource, EventsPage, PublishRequest, Published};
 use concord_core::authz::{authorize, Action, Target};
 use concord_core::idempotency;
@@ -126,7 +126,7 @@ pub(crate) async fn read(
     loop {
         while events.len() < limit {
             match sub.next_ready().await? {
-                Some(e) => events.push((*e).clone()),
+                Some(e) => events.push(e.event().clone()),
                 None => break,
             }
         }
@@ -134,7 +134,7 @@ pub(crate) async fn read(
             break;
         }
         match tokio::time::timeout_at(deadline, sub.next()).await {
-            Ok(e) => events.push((*e?).clone()),
+            Ok(e) => events.push(e?.event().clone()),
             Err(_) => break,
         }
     }
@@ -175,33 +175,85 @@ pub(crate) async fn stream(
     };
     let from = start_cursor(&s, last_id.or(q.from)).await?;
     let slot = s.limits.stream(&p.token_id)?;
-    let sub = Subscription::new(s.clone(), patterns, from);
-    let stream = futures::stream::unfold(Some((sub, slot)), |st| async move {
-        let (mut sub, slot) = st?;
-        match sub.next().await {
-            Ok(e) => {
-                let data = serde_json::to_string(&*e).unwrap_or_else(|_| "{}".into());
-                let ev = SseEvent::default()
-                    .id(e.seq.to_string())
-                    .event(e.topic.clone())
-                    .data(data);
-                Some((Ok::<_, Infallible>(ev), Some((sub, slot))))
-            }
+    let stream = SseStream {
+        sub: Subscription::new(s.clone(), patterns, from),
+        keep_alive: Box::pin(tokio::time::sleep(SSE_KEEP_ALIVE)),
+        last_write: tokio::time::Instant::now(),
+        _slot: slot,
+    };
+    let body = futures::stream::unfold(Some(stream), |st| async move {
+        let mut st = st?;
+        match st.next_chunk().await {
+            Ok(chunk) => Some((Ok::<_, Infallible>(chunk), Some(st))),
             Err(err) => {
                 let code = if err.code == ErrorCode::CursorExpired {
                     "cursor_expired"
                 } else {
                     "error"
                 };
-                let ev = SseEvent::default()
-                    .event(code)
-                    .data(err.to_body().to_string());
+                let frame = format!("event: {code}\ndata: {}\n\n", err.to_body());
                 // Send this last event, then end the stream.
-                Some((Ok(ev), None))
+                Some((Ok(Bytes::from(frame)), None))
             }
         }
     });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
         .into_response())
+}
+
+/// A keep-alive comment when nothing was written for this long.
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Bytes of frames gathered into one write.
+const SSE_CHUNK: usize = 64 * 1024;
+
+/// One SSE response: its subscription, and the keep-alive timer.
+///
+/// Why the timer lives here and is not reset per write: arming a timeout for every
+/// chunk cost more than the write at 5,000 events/s × 100 streams. The one sleep
+/// fires at most every 15 s; if something was written since, it is pushed back to
+/// 15 s after that write, else a comment goes out.
+struct SseStream {
+    sub: Subscription,
+    keep_alive: std::pin::Pin<Box<tokio::time::Sleep>>,
+    last_write: tokio::time::Instant,
+    _slot: crate::limits::Slot,
+}
+
+impl SseStream {
+    /// The next write: the next event, and every further event already in hand,
+    /// as one chunk of pre-encoded frames (see `bus::BusEvent`), so a burst costs
+    /// one write instead of one per event.
+    async fn next_chunk(&mut self) -> concord_core::Result<Bytes> {
+        let first = loop {
+            tokio::select! {
+                e = self.sub.next() => break e?,
+                () = &mut self.keep_alive => {
+                    let due = self.last_write + SSE_KEEP_ALIVE;
+                    if due > tokio::time::Instant::now() {
+                        self.keep_alive.as_mut().reset(due);
+                        continue;
+                    }
+                    self.last_write = tokio::time::Instant::now();
+                    self.keep_alive.as_mut().reset(self.last_write + SSE_KEEP_ALIVE);
+                    return Ok(Bytes::from_static(b":\n\n"));
+                }
+            }
+        };
+        let mut out = bytes::BytesMut::with_capacity(first.sse_frame().len() * 4);
+        out.extend_from_slice(first.sse_frame());
+        while out.len() < SSE_CHUNK {
+            match self.sub.next_ready().await? {
+                Some(e) => out.extend_from_slice(e.sse_frame()),
+                None => break,
+            }
+        }
+        self.last_write = tokio::time::Instant::now();
+        Ok(out.freeze())
+    }
 }

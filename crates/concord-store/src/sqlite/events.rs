@@ -100,6 +100,7 @@ fn prune(
         removed += c
             .execute("DELETE FROM events WHERE seq <= ?1", [cut])
             .map_err(db_err)? as u64;
+        super::recent::note_pruned(cut);
         c.execute(
             "INSERT INTO log_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![FLOOR_KEY, cut],

@@ -76,12 +76,10 @@ fn require(c: &Connection, id: &str) -> Result<StoredMemory> {
 
 /// The next memory-log position.
 fn next_seq(c: &Connection) -> Result<i64> {
-    c.query_row(
-        "UPDATE memory_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq",
-        [],
-        |r| r.get(0),
-    )
-    .map_err(db_err)
+    super::recent::note_memory_moved();
+    c.prepare_cached("UPDATE memory_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db_err)
 }
 
 pub(crate) fn last_memory_seq(c: &Connection) -> Result<i64> {

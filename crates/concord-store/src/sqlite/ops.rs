@@ -40,7 +40,15 @@ pub(crate) fn append_event(
     c.prepare_cached("INSERT INTO events (topic, time, source, data) VALUES (?1, ?2, ?3, ?4)")
         .and_then(|mut s| s.execute(params![topic, now, to_json(source), to_json(&data)]))
         .map_err(db_err)?;
-    Ok(c.last_insert_rowid())
+    let seq = c.last_insert_rowid();
+    super::recent::note_appended(|| Event {
+        seq,
+        topic: topic.to_string(),
+        time: Timestamp(now),
+        source: source.clone(),
+        data,
+    });
+    Ok(seq)
 }
 
 fn hub_source() -> EventSource {

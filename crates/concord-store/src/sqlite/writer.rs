@@ -11,9 +11,11 @@
 //! A std thread, not a tokio task: rusqlite calls block, and a commit with fsync can
 //! take milliseconds that must not stall the async workers.
 
+use super::recent::{journal, RecentEvents};
 use concord_core::{Error, Result};
 use rusqlite::Connection;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Sends the job's outcome once the commit's outcome is known.
@@ -56,6 +58,18 @@ where
 
 type Job = Box<dyn WriteJob>;
 
+/// What the writer tells the rest of the store after each commit.
+pub(crate) struct Watches {
+    /// The last event seq committed (wakes the log tail and event waiters).
+    pub(crate) last_seq: watch::Sender<i64>,
+    /// Bumped by each commit that moved the memory log.
+    pub(crate) memory: watch::Sender<i64>,
+    /// The committed events themselves.
+    pub(crate) recent: Arc<RecentEvents>,
+    /// The checkpointer, when it runs (else SQLite checkpoints in COMMIT).
+    pub(crate) checkpoint: Option<super::checkpoint::Nudge>,
+}
+
 /// Most jobs one transaction takes; bounds the latency a large batch adds.
 const MAX_BATCH: usize = 512;
 
@@ -66,11 +80,11 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Starts the writer thread. It stops when every `Writer` handle is dropped.
-    pub(crate) fn start(conn: Connection, last_seq: watch::Sender<i64>) -> Result<Writer> {
+    pub(crate) fn start(conn: Connection, watches: Watches) -> Result<Writer> {
         let (tx, rx) = mpsc::channel::<Job>(8192);
         std::thread::Builder::new()
-            .name("concord-sqlite-writer".into())
-            .spawn(move || run(conn, rx, last_seq))
+            .name("concord-writer".into())
+            .spawn(move || run(conn, rx, watches))
             .map_err(|e| Error::internal(format!("cannot start the writer thread: {e}")))?;
         Ok(Writer { tx })
     }
@@ -92,11 +106,23 @@ impl Writer {
     }
 }
 
+/// Runs one statement from the connection's statement cache. Every job opens and
+/// releases a savepoint, so parsing those each time showed up in profiles.
 fn exec(conn: &Connection, sql: &str) -> Result<()> {
-    conn.execute_batch(sql).map_err(super::db_err)
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(|_| ())
+        .map_err(super::db_err)
 }
 
-fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, last_seq: watch::Sender<i64>) {
+/// Undoes a job's changes and forgets its savepoint.
+fn roll_back_job(conn: &Connection) -> Result<()> {
+    exec(conn, "ROLLBACK TO job")?;
+    exec(conn, "RELEASE job")
+}
+
+fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
+    journal::start();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -119,14 +145,16 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, last_seq: watch::Sender<i6
                 job.abort(e);
                 continue;
             }
+            let mark = journal::mark();
             match catch_unwind(AssertUnwindSafe(|| job.run(&conn, now))) {
                 Ok((ok, finish)) => {
-                    let sp = if ok {
-                        "RELEASE job"
+                    let done = if ok {
+                        exec(&conn, "RELEASE job")
                     } else {
-                        "ROLLBACK TO job; RELEASE job"
+                        journal::roll_back_to(mark);
+                        roll_back_job(&conn)
                     };
-                    if let Err(e) = exec(&conn, sp) {
+                    if let Err(e) = done {
                         tracing::error!("savepoint failed: {e}");
                     }
                     finishers.push(finish);
@@ -135,25 +163,37 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, last_seq: watch::Sender<i6
                     // The job's reply sender was dropped in the unwind: its caller
                     // gets an internal error. Undo whatever it half-wrote.
                     tracing::error!("a write job panicked; its changes were rolled back");
-                    let _ = exec(&conn, "ROLLBACK TO job; RELEASE job");
+                    journal::roll_back_to(mark);
+                    let _ = roll_back_job(&conn);
                 }
             }
         }
         let commit = exec(&conn, "COMMIT");
+        let appended = journal::take();
+        let memory_moved = journal::take_memory_moved();
+        let pruned = journal::take_pruned();
         if commit.is_err() {
             let _ = exec(&conn, "ROLLBACK");
-        }
-        if commit.is_ok() {
-            // Wake event readers before answering, so a writer that then reads
-            // finds every subscriber already woken for what it wrote.
-            if let Ok(seq) = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
-                r.get::<_, i64>(0)
-            }) {
-                last_seq.send_if_modified(|cur| {
+        } else {
+            // Publish the events, then wake their readers, before answering: a
+            // writer that then reads finds every subscriber already woken for
+            // what it wrote.
+            if pruned > 0 {
+                watches.recent.forget_through(pruned);
+            }
+            if let Some(seq) = appended.last().map(|e| e.seq) {
+                watches.recent.push(appended);
+                watches.last_seq.send_if_modified(|cur| {
                     let changed = *cur != seq;
                     *cur = seq;
                     changed
                 });
+            }
+            if memory_moved {
+                watches.memory.send_modify(|n| *n += 1);
+            }
+            if let Some(c) = &watches.checkpoint {
+                c.commit_done();
             }
         }
         for finish in finishers {
