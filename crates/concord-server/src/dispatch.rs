@@ -9,14 +9,14 @@
 
 use crate::AppState;
 use concord_core::api::{
-    DispatchPeer, DispatchRequest, DispatchView, Instance, InstanceState, ReducerKind, Role,
+    DispatchPeer, DispatchRequest, DispatchView, Event, Instance, InstanceState, ReducerKind, Role,
     TaskState,
 };
 use concord_core::dispatch::{
     reduce, verdict, Answer, IfUnderMin, Quorum, Reducer, Tally, Verdict,
 };
 use concord_core::{ids, Error, Result, Timestamp};
-use concord_store::{DispatchRecord, InstanceFilter, NewTask};
+use concord_store::{topics, DispatchRecord, InstanceFilter, NewTask};
 use serde_json::{json, Value};
 
 /// Retries of an idempotent `single` dispatch on other peers.
@@ -72,6 +72,11 @@ pub fn fan_out(req: &DispatchRequest) -> usize {
     }
 }
 
+/// The queue a command's peer tasks go to.
+pub fn peer_queue(command: &str) -> String {
+    format!("dispatch.{command}")
+}
+
 /// The peer's work: a task only it can claim, in `dispatch.<command>`.
 pub fn peer_task(
     dispatch: &str,
@@ -82,7 +87,7 @@ pub fn peer_task(
 ) -> NewTask {
     NewTask {
         id: ids::new_id(ids::TASK),
-        queue: format!("dispatch.{}", req.command),
+        queue: peer_queue(&req.command),
         payload: json!({"dispatch": dispatch, "command": req.command, "payload": req.payload}),
         priority: 0,
         requires: vec![],
@@ -96,6 +101,30 @@ pub fn peer_task(
     }
 }
 
+/// Whether an event may change a running dispatch's verdict, so that the
+/// request waiting on it evaluates again. A claim moves a peer from pending to
+/// running, which no quorum rule tells apart; events about other queues' tasks
+/// are none of its business. Waking on less matters: every evaluation reads the
+/// record, and 10 peers make some 40 task events per dispatch.
+pub fn may_change(e: &Event, queue: &str) -> bool {
+    match e.topic.as_str() {
+        topics::TASK_COMPLETED
+        | topics::TASK_FAILED
+        | topics::TASK_DEAD
+        | topics::TASK_CANCELLED
+        | topics::TASK_REQUEUED => e.data["tasks"]
+            .as_array()
+            .is_none_or(|ts| ts.iter().any(|t| t["queue"] == queue)),
+        topics::INSTANCE_REGISTERED
+        | topics::INSTANCE_UPDATED
+        | topics::INSTANCE_EXPIRED
+        | topics::INSTANCE_CLOSED
+        | topics::DISPATCH_PEERS_ADDED
+        | topics::DISPATCH_FINISHED => true,
+        _ => false,
+    }
+}
+
 /// Reads the dispatch, finishes it if its quorum rule says so, and returns its view.
 pub async fn evaluate(state: &AppState, id: &str) -> Result<DispatchView> {
     let rec = state
@@ -103,14 +132,14 @@ pub async fn evaluate(state: &AppState, id: &str) -> Result<DispatchView> {
         .get_dispatch(id)
         .await?
         .ok_or_else(|| Error::not_found(format!("no dispatch {id}")))?;
+    let now = state.store.now_ms().await?;
     if rec.state != "running" {
-        return view(state, &rec).await;
+        return Ok(view(&rec, now));
     }
     let req: DispatchRequest = serde_json::from_value(rec.spec.clone())
         .map_err(|e| Error::internal(format!("dispatch spec: {e}")))?;
-    let now = state.store.now_ms().await?;
     let deadline_passed = now >= rec.deadline_ms;
-    let peers = peer_states(state, &rec, now).await?;
+    let peers = peer_states(&rec, now);
     let ok = peers.iter().filter(|p| p.state == "completed").count();
     let outstanding = peers
         .iter()
@@ -161,7 +190,7 @@ pub async fn evaluate(state: &AppState, id: &str) -> Result<DispatchView> {
     };
     let v = verdict(tally);
     if v == Verdict::Running {
-        return view(state, &rec).await;
+        return Ok(view(&rec, now));
     }
     let mut answered: Vec<&DispatchPeer> =
         peers.iter().filter(|p| p.state == "completed").collect();
@@ -206,7 +235,7 @@ pub async fn evaluate(state: &AppState, id: &str) -> Result<DispatchView> {
         .get_dispatch(id)
         .await?
         .ok_or_else(|| Error::not_found(format!("no dispatch {id}")))?;
-    view(state, &rec).await
+    Ok(view(&rec, now))
 }
 
 fn failure_reason(t: &Tally) -> String {
@@ -220,85 +249,78 @@ fn failure_reason(t: &Tally) -> String {
     }
 }
 
-/// Each peer's state from its task and its instance's liveness.
-async fn peer_states(
-    state: &AppState,
-    rec: &DispatchRecord,
-    now: i64,
-) -> Result<Vec<DispatchPeer>> {
-    let mut out = Vec::with_capacity(rec.peers.len());
-    for p in &rec.peers {
-        let task = state.store.get_task(&p.task).await?;
-        let inst = state.store.get_instance(&p.instance).await?;
-        let alive = inst
-            .as_ref()
-            .is_some_and(|i| i.state == InstanceState::Live && i.lease_until.millis() >= now);
-        let (st, result, error, latency, late) = match &task {
-            None => (
-                "failed",
-                None,
-                Some("task vanished".to_string()),
-                None,
-                false,
-            ),
-            Some(t) => {
-                let done_at = t.completed_at.map(|c| c.millis());
-                let late = rec
-                    .finished_at
-                    .is_some_and(|f| done_at.is_some_and(|d| d > f));
-                match t.state {
-                    TaskState::Completed => (
-                        "completed",
-                        t.result.clone(),
-                        None,
-                        done_at.map(|d| d - p.added_at),
-                        late,
-                    ),
-                    TaskState::Dead | TaskState::Failed => (
-                        "failed",
-                        None,
-                        t.error.clone(),
-                        done_at.map(|d| d - p.added_at),
-                        false,
-                    ),
-                    TaskState::Cancelled => ("cancelled", None, t.error.clone(), None, false),
-                    _ if !alive => (
-                        "failed",
-                        None,
-                        Some(format!("peer {} is no longer live", p.instance)),
-                        None,
-                        false,
-                    ),
-                    _ if now >= rec.deadline_ms => (
-                        "timeout",
-                        None,
-                        Some("no answer by the deadline".into()),
-                        None,
-                        false,
-                    ),
-                    TaskState::Running => ("running", None, None, None, false),
-                    _ => ("pending", None, None, None, false),
+/// Each peer's state from its task and its instance's liveness, as the store
+/// read them with the record.
+fn peer_states(rec: &DispatchRecord, now: i64) -> Vec<DispatchPeer> {
+    rec.peers
+        .iter()
+        .map(|p| {
+            let alive = p.live_until.is_some_and(|until| until >= now);
+            let (st, result, error, latency, late) = match &p.work {
+                None => (
+                    "failed",
+                    None,
+                    Some("task vanished".to_string()),
+                    None,
+                    false,
+                ),
+                Some(t) => {
+                    let done_at = t.completed_at;
+                    let late = rec
+                        .finished_at
+                        .is_some_and(|f| done_at.is_some_and(|d| d > f));
+                    match t.state {
+                        TaskState::Completed => (
+                            "completed",
+                            t.result.clone(),
+                            None,
+                            done_at.map(|d| d - p.added_at),
+                            late,
+                        ),
+                        TaskState::Dead | TaskState::Failed => (
+                            "failed",
+                            None,
+                            t.error.clone(),
+                            done_at.map(|d| d - p.added_at),
+                            false,
+                        ),
+                        TaskState::Cancelled => ("cancelled", None, t.error.clone(), None, false),
+                        _ if !alive => (
+                            "failed",
+                            None,
+                            Some(format!("peer {} is no longer live", p.instance)),
+                            None,
+                            false,
+                        ),
+                        _ if now >= rec.deadline_ms => (
+                            "timeout",
+                            None,
+                            Some("no answer by the deadline".into()),
+                            None,
+                            false,
+                        ),
+                        TaskState::Running => ("running", None, None, None, false),
+                        _ => ("pending", None, None, None, false),
+                    }
                 }
+            };
+            DispatchPeer {
+                instance: p.instance.clone(),
+                task: p.task.clone(),
+                state: st.into(),
+                result,
+                error,
+                latency_ms: latency,
+                late,
             }
-        };
-        out.push(DispatchPeer {
-            instance: p.instance.clone(),
-            task: p.task.clone(),
-            state: st.into(),
-            result,
-            error,
-            latency_ms: latency,
-            late,
-        });
-    }
-    Ok(out)
+        })
+        .collect()
 }
 
-pub async fn view(state: &AppState, rec: &DispatchRecord) -> Result<DispatchView> {
-    let now = state.store.now_ms().await?;
-    let peers = peer_states(state, rec, now).await?;
+fn view(rec: &DispatchRecord, now: i64) -> DispatchView {
+    let peers = peer_states(rec, now);
     let responded = peers.iter().filter(|p| p.state == "completed").count();
-    Ok(DispatchView {
+    DispatchView {
         id: rec.id.clone(),
         command: rec.command.clone(),
         state: rec.state.clone(),
@@ -310,5 +332,39 @@ pub async fn view(state: &AppState, rec: &DispatchRecord) -> Result<DispatchView
         created_at: Timestamp(rec.created_at),
         deadline: Timestamp(rec.deadline_ms),
         finished_at: rec.finished_at.map(Timestamp),
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_core::api::EventSource;
+
+    fn event(topic: &str, data: Value) -> Event {
+        Event {
+            seq: 1,
+            topic: topic.into(),
+            time: Timestamp(0),
+            source: EventSource::default(),
+            data,
+        }
+    }
+
+    #[test]
+    fn only_outcomes_of_its_queue_and_peer_changes_wake_a_dispatch() {
+        let q = peer_queue("summarize");
+        let ours = json!({"tasks": [{"id": "tsk_1", "queue": q, "state": "completed"}]});
+        let theirs = json!({"tasks": [{"id": "tsk_2", "queue": "email", "state": "completed"}]});
+        assert!(may_change(&event(topics::TASK_COMPLETED, ours.clone()), &q));
+        assert!(may_change(&event(topics::TASK_DEAD, ours.clone()), &q));
+        assert!(!may_change(&event(topics::TASK_COMPLETED, theirs), &q));
+        // A claim or an enqueue moves no verdict.
+        assert!(!may_change(&event(topics::TASK_CLAIMED, ours.clone()), &q));
+        assert!(!may_change(&event(topics::TASK_ENQUEUED, ours), &q));
+        // A task event without its tasks is not trusted to be someone else's.
+        assert!(may_change(&event(topics::TASK_CANCELLED, json!({})), &q));
+        assert!(may_change(&event(topics::INSTANCE_EXPIRED, json!({})), &q));
+        assert!(may_change(&event(topics::DISPATCH_FINISHED, json!({})), &q));
+        assert!(!may_change(&event("deploys.done", json!({})), &q));
+    }
 }

@@ -1,5 +1,5 @@
 use super::instances::require_labelled;
-use crate::dispatch::{candidates, evaluate, fan_out, peer_task};
+use crate::dispatch::{candidates, evaluate, fan_out, may_change, peer_queue, peer_task};
 use crate::error::ApiResult;
 use crate::extract::{Caller, Json};
 use crate::AppState;
@@ -10,7 +10,7 @@ use concord_core::authz::{authorize, Action, Target};
 use concord_core::dispatch::{IfUnderMin, Quorum};
 use concord_core::validate::{self, json_size};
 use concord_core::{ids, Error, ErrorCode};
-use concord_store::{topics, NewDispatch};
+use concord_store::NewDispatch;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +111,7 @@ pub(crate) async fn create(
         return Ok((StatusCode::CREATED, axum::Json(evaluate(&s, &id).await?)));
     }
     let mut rx = s.bus.subscribe();
+    let queue = peer_queue(&req.command);
     let until =
         tokio::time::Instant::now() + Duration::from_millis((deadline - now).max(0) as u64 + 50);
     loop {
@@ -118,21 +119,17 @@ pub(crate) async fn create(
         if v.state != "running" || tokio::time::Instant::now() >= until {
             return Ok((StatusCode::OK, axum::Json(v)));
         }
-        // Re-evaluate on task and instance changes, or at least every 250 ms.
+        // Re-evaluate on changes that may move the verdict, or at least every
+        // 250 ms; events that arrived together make one evaluation.
         let recheck = (tokio::time::Instant::now() + Duration::from_millis(250)).min(until);
         loop {
             match tokio::time::timeout_at(recheck, rx.recv()).await {
                 Err(_) | Ok(Err(_)) => break,
-                Ok(Ok(e))
-                    if e.topic.starts_with("sys.task.")
-                        || e.topic.starts_with("sys.instance.")
-                        || e.topic == topics::DISPATCH_FINISHED =>
-                {
-                    break
-                }
+                Ok(Ok(e)) if may_change(&e, &queue) => break,
                 Ok(Ok(_)) => {}
             }
         }
+        while rx.try_recv().is_ok() {}
     }
 }
 

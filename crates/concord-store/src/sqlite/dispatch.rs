@@ -76,14 +76,34 @@ fn get(c: &Connection, id: &str) -> Result<Option<DispatchRecord>> {
         .map_err(db_err)?;
     let Some(mut rec) = row else { return Ok(None) };
     let mut s = c
-        .prepare_cached("SELECT instance, task, added_at FROM dispatch_peers WHERE dispatch = ?1 ORDER BY added_at, instance")
+        .prepare_cached(
+            "SELECT p.instance, p.task, p.added_at, t.id, t.state, t.result, t.error, t.completed_at, \
+                    CASE WHEN i.state = 'live' THEN i.lease_until END \
+             FROM dispatch_peers p \
+             LEFT JOIN tasks t ON t.id = p.task \
+             LEFT JOIN instances i ON i.id = p.instance \
+             WHERE p.dispatch = ?1 ORDER BY p.added_at, p.instance",
+        )
         .map_err(db_err)?;
     let rows = s
         .query_map([id], |r| {
+            let work = match r.get::<_, Option<String>>(3)? {
+                None => None,
+                Some(_) => Some(PeerWork {
+                    state: TaskState::parse(&r.get::<_, String>(4)?).unwrap_or(TaskState::Pending),
+                    result: r
+                        .get::<_, Option<String>>(5)?
+                        .map(|s| serde_json::from_str(&s).unwrap_or(Value::Null)),
+                    error: r.get(6)?,
+                    completed_at: r.get(7)?,
+                }),
+            };
             Ok(DispatchPeerRow {
                 instance: r.get(0)?,
                 task: r.get(1)?,
                 added_at: r.get(2)?,
+                work,
+                live_until: r.get(8)?,
             })
         })
         .map_err(db_err)?;

@@ -11,6 +11,7 @@
 mod harness;
 
 mod coordination;
+mod dispatch;
 mod events;
 mod idempotency;
 mod instances;

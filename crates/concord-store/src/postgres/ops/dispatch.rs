@@ -73,8 +73,34 @@ async fn get_record<C: GenericClient>(c: &C, id: &str) -> R<Option<DispatchRecor
         finished_at: get(&r, 8)?,
         peers: vec![],
     };
-    for p in rows(c, "SELECT instance, task, added_at FROM dispatch_peers WHERE dispatch = $1 ORDER BY added_at, instance", &[&id]).await? {
-        rec.peers.push(DispatchPeerRow { instance: get(&p, 0)?, task: get(&p, 1)?, added_at: get(&p, 2)? });
+    let peers = rows(
+        c,
+        "SELECT p.instance, p.task, p.added_at, t.id, t.state, t.result, t.error, t.completed_at, \
+                CASE WHEN i.state = 'live' THEN i.lease_until END \
+         FROM dispatch_peers p \
+         LEFT JOIN tasks t ON t.id = p.task \
+         LEFT JOIN instances i ON i.id = p.instance \
+         WHERE p.dispatch = $1 ORDER BY p.added_at, p.instance",
+        &[&id],
+    )
+    .await?;
+    for p in peers {
+        let work = match get::<Option<String>>(&p, 3)? {
+            None => None,
+            Some(_) => Some(PeerWork {
+                state: TaskState::parse(&get::<String>(&p, 4)?).unwrap_or(TaskState::Pending),
+                result: get(&p, 5)?,
+                error: get(&p, 6)?,
+                completed_at: get(&p, 7)?,
+            }),
+        };
+        rec.peers.push(DispatchPeerRow {
+            instance: get(&p, 0)?,
+            task: get(&p, 1)?,
+            added_at: get(&p, 2)?,
+            work,
+            live_until: get(&p, 8)?,
+        });
     }
     Ok(Some(rec))
 }
