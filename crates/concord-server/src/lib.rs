@@ -32,6 +32,7 @@ pub use routes::table::{RouteRule, Subject, ROUTES};
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
 use axum::Router;
 use concord_core::Error;
 use concord_store::DynStore;
@@ -255,6 +256,15 @@ impl Hub {
     ) -> std::io::Result<()> {
         self.bound(listener.local_addr()?)?;
         let app = self.router();
+        // Without TCP_NODELAY (which `axum::serve` leaves off) a small write that
+        // follows an unacknowledged one waits for the peer's delayed ACK: an SSE
+        // stream's next events, or a long-poll's answer, sat up to 40 ms in the
+        // kernel. Measured as a p95 of 21 ms on event delivery against 2 ms at p50.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
+            }
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;

@@ -502,6 +502,10 @@ pub async fn http_ceiling(conc: usize, secs: u64) -> Result<Report> {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/echo", listener.local_addr()?);
+    // TCP_NODELAY as the hub sets it, so the ceiling is measured the same way.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(conc)
