@@ -138,6 +138,15 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and applies migrations.
     pub fn open(path: &Path, durability: Durability) -> Result<SqliteStore> {
+        Self::open_with(path, durability, checkpoint::PACING)
+    }
+
+    /// `open` with other checkpoint pacing (tests make it brisk).
+    pub(crate) fn open_with(
+        path: &Path,
+        durability: Durability,
+        pacing: checkpoint::Pacing,
+    ) -> Result<SqliteStore> {
         let mut conn = Connection::open(path).map_err(db_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db_err)?;
@@ -154,10 +163,13 @@ impl SqliteStore {
         let last = ops::last_event_seq(&conn)?;
         let (events_tx, events) = tokio::sync::watch::channel(last);
         let recent = Arc::new(recent::RecentEvents::default());
-        let checkpoint = match checkpoint::start(path) {
+        let checkpoint = match checkpoint::start(path, pacing) {
             Ok(nudge) => {
-                conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
-                    .map_err(db_err)?;
+                conn.execute_batch(&format!(
+                    "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {};",
+                    checkpoint::LOG_SIZE_LIMIT
+                ))
+                .map_err(db_err)?;
                 Some(nudge)
             }
             Err(e) => {

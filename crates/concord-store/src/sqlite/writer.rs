@@ -199,6 +199,12 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
         for finish in finishers {
             finish(commit.clone());
         }
+        // After answering: the callers of this batch do not wait for it.
+        if let Some(c) = &watches.checkpoint {
+            if c.take_catch_up() {
+                super::checkpoint::catch_up(&conn);
+            }
+        }
     }
     tracing::debug!("sqlite writer stopped");
 }
