@@ -43,6 +43,13 @@ pub struct ServeArgs {
     /// search_path (normally `public`).
     #[arg(long, env = "CONCORD_DATABASE_SCHEMA", requires = "database")]
     pub database_schema: Option<String>,
+    /// PostgreSQL connections this replica keeps (one more listens for the others'
+    /// notifications). Size it so that replicas × pool stays under the server's
+    /// max_connections.
+    #[arg(long, env = "CONCORD_DATABASE_POOL", requires = "database",
+          default_value_t = concord_store::postgres::DEFAULT_POOL_SIZE as u16,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub database_pool: u16,
     /// Per-token request rate limit per second (0 = off).
     #[arg(long, default_value_t = 5000)]
     pub rate_limit: u32,
@@ -175,10 +182,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let store: DynStore = match &args.database {
         Some(url) => Arc::new(
-            concord_store::postgres::PostgresStore::connect(url, args.database_schema.as_deref())
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .context("cannot open the PostgreSQL store")?,
+            concord_store::postgres::PostgresStore::connect_with(
+                url,
+                args.database_schema.as_deref(),
+                usize::from(args.database_pool),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("cannot open the PostgreSQL store")?,
         ),
         None => {
             let durability = match args.durability {

@@ -889,3 +889,57 @@ async fn claimers_on_two_replicas_complete_each_task_once() {
     );
     c.finish().await;
 }
+
+/// `--database-pool` bounds this replica's connections: under many concurrent
+/// requests it holds at most that many, plus the one that listens for the
+/// other replicas' notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_pool_flag_bounds_a_replicas_connections() {
+    let Some(mut c) = Cluster::start(
+        "replicas::the_database_pool_flag_bounds_a_replicas_connections",
+        0,
+    ) else {
+        return;
+    };
+    // The replica's connections carry a name no other test's do.
+    let app = format!("pool_{}", c.schema);
+    let sep = if c.db.contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}application_name={app}", c.db);
+    let admin = c.admin.clone();
+    c.add_hub_with(
+        &url,
+        &[
+            ("CONCORD_ADMIN_TOKEN", &admin),
+            ("CONCORD_DATABASE_POOL", "2"),
+        ],
+    );
+    let a = c.admin(0);
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let a = a.clone();
+        calls.push(tokio::spawn(async move {
+            a.enqueue(&EnqueueRequest {
+                queue: "pool".into(),
+                payload: json!({"i": i}),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            a.status().await.unwrap();
+        }));
+    }
+    for t in calls {
+        t.await.unwrap();
+    }
+    let pg = pg_admin(&c.db).await;
+    let n: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((1..=3).contains(&n), "{n} connections for a pool of 2");
+    c.finish().await;
+}
