@@ -322,38 +322,49 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>>
         .map(|i| format!("?{}", i + 5))
         .collect();
     let sql = format!(
-        "SELECT t.id, t.timeout_ms FROM tasks t INDEXED BY tasks_claimable \
-         WHERE t.queue IN ({}) AND t.state IN ('pending', 'scheduled', 'failed') AND t.not_before <= ?1 \
-         AND (t.target IS NULL OR t.target = ?2) \
-         AND (t.requires = '[]' OR NOT EXISTS (SELECT 1 FROM json_each(t.requires) r \
+        "SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_claimable \
+         WHERE tasks.queue IN ({}) AND tasks.state IN ('pending', 'scheduled', 'failed') AND tasks.not_before <= ?1 \
+         AND (tasks.target IS NULL OR tasks.target = ?2) \
+         AND (tasks.requires = '[]' OR NOT EXISTS (SELECT 1 FROM json_each(tasks.requires) r \
               WHERE r.value NOT IN (SELECT value FROM json_each(?3)))) \
-         AND (t.deps = 0 OR NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t2 ON t2.id = d.dep \
-              WHERE d.task = t.id AND t2.state != 'completed')) \
-         ORDER BY t.priority DESC, t.rowid LIMIT ?4",
+         AND (tasks.deps = 0 OR NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t2 ON t2.id = d.dep \
+              WHERE d.task = tasks.id AND t2.state != 'completed')) \
+         ORDER BY tasks.priority DESC, tasks.rowid LIMIT ?4",
         placeholders.join(", ")
     );
-    let candidates: Vec<(String, Option<i64>)> = {
+    // The candidates come back whole: the claimed task is this row with the
+    // claim's changes, so nothing is read again after the UPDATE.
+    let candidates: Vec<Task> = {
         let mut s = c.prepare_cached(&sql).map_err(db_err)?;
         let mut args: Vec<&dyn rusqlite::ToSql> = vec![&now, &spec.instance, &caps, &spec.max];
         for q in &spec.queues {
             args.push(q);
         }
         let rows = s
-            .query_map(args.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map(args.as_slice(), |r| task_from_row(r).map(|(t, _)| t))
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
     };
     let mut out = Vec::with_capacity(candidates.len());
-    for (id, timeout) in candidates {
-        let lease = spec.lease_ms.or(timeout).unwrap_or(DEFAULT_LEASE_MS);
+    for mut task in candidates {
+        let lease = spec
+            .lease_ms
+            .or(task.timeout_ms)
+            .unwrap_or(DEFAULT_LEASE_MS);
         let token = ids::new_id(ids::CLAIM);
         c.prepare_cached(
             "UPDATE tasks SET state = 'running', attempt = attempt + 1, claimed_by = ?2, claim = ?3, lease_ms = ?4, \
              lease_until = ?5, updated_at = ?6 WHERE id = ?1",
         )
-        .and_then(|mut s| s.execute(params![id, spec.instance, token, lease, now + lease, now]))
+        .and_then(|mut s| {
+            s.execute(params![task.id, spec.instance, token, lease, now + lease, now])
+        })
         .map_err(db_err)?;
-        let (task, _) = load(c, &id)?.ok_or_else(|| not_found(&id))?;
+        task.state = TaskState::Running;
+        task.attempt += 1;
+        task.claimed_by = Some(spec.instance.clone());
+        task.lease_until = Some(Timestamp(now + lease));
+        task.updated_at = Timestamp(now);
         out.push(ClaimedTask { task, claim: token });
     }
     if !out.is_empty() {
