@@ -27,7 +27,7 @@ use std::process::ExitCode;
 /// the batch queue benchmark). Measured: batch queue 21–24k → 28–30k tasks/s,
 /// single-call queue and heartbeats about 10% more. Built with `no_thp`:
 /// with transparent huge pages its eagerly committed arena made an idle hub
-/// resident at 37 MiB; without them 27 MiB (glibc: 24 MiB).
+/// resident at 36 MiB; without them 26–27 MiB (glibc: 23 MiB).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
