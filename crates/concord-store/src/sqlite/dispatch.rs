@@ -1,7 +1,7 @@
 //! The SQLite side of dispatch records.
 
 use super::ops::append_event;
-use super::queue::{enqueue, finish_unsuccessfully, load};
+use super::queue::{enqueue, finish_unsuccessfully, json_col, load};
 use super::{db_err, SqliteStore};
 use crate::dispatch::*;
 use crate::model::topics;
@@ -91,9 +91,7 @@ fn get(c: &Connection, id: &str) -> Result<Option<DispatchRecord>> {
                 None => None,
                 Some(_) => Some(PeerWork {
                     state: TaskState::parse(&r.get::<_, String>(4)?).unwrap_or(TaskState::Pending),
-                    result: r
-                        .get::<_, Option<String>>(5)?
-                        .map(|s| serde_json::from_str(&s).unwrap_or(Value::Null)),
+                    result: json_col(r, 5)?,
                     error: r.get(6)?,
                     completed_at: r.get(7)?,
                 }),

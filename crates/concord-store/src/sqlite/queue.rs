@@ -20,7 +20,7 @@ const TASK_COLS: &str = "id, queue, state, priority, payload, requires, target, 
     timeout_ms, claimed_by, lease_until, progress, result, error, idempotency_key, not_before, created_at, updated_at, \
     completed_at, claim, CASE WHEN deps = 0 THEN '[]' ELSE (SELECT json_group_array(dep) FROM task_deps WHERE task = tasks.id) END";
 
-fn json_col(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<Value>> {
+pub(crate) fn json_col(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<Value>> {
     Ok(r.get::<_, Option<String>>(i)?
         .map(|s| serde_json::from_str(&s).unwrap_or(Value::Null)))
 }
