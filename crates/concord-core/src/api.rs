@@ -186,6 +186,29 @@ impl Instance {
             .unwrap_or("")
             .is_empty()
     }
+
+    /// The ghost rule: an unlabelled secondary or fork may not write shared state
+    /// until it says what it is for. A primary needs no label.
+    pub fn refuse_ghost(&self) -> Result<(), crate::Error> {
+        if self.role != Role::Primary && self.is_unlabeled() {
+            let id = &self.id;
+            return Err(crate::Error::forbidden(format!(
+                "instance {id} has no label: it is a ghost until labelled (PATCH /v1/instances/{id} {{\"label\": …}})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether this instance may write shared state as itself: it is live (an
+    /// ended one is unknown to the fleet) and not a ghost. The stores run this
+    /// inside the write's own transaction where they can (enqueue, claim), so an
+    /// instance that ends or is demoted meanwhile cannot slip one more write in.
+    pub fn refuse_unless_writer(&self) -> Result<(), crate::Error> {
+        if self.state != InstanceState::Live {
+            return Err(crate::Error::unknown_instance(&self.id));
+        }
+        self.refuse_ghost()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

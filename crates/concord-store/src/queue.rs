@@ -66,10 +66,14 @@ pub struct ScheduleSpec {
 #[async_trait]
 pub trait QueueStore: Send + Sync {
     /// Enqueues all in one transaction. Each result says whether it was a duplicate
-    /// of an earlier enqueue with the same idempotency key.
+    /// of an earlier enqueue with the same idempotency key. When `source` names an
+    /// instance, that instance must be live and not a ghost
+    /// ([`Instance::refuse_unless_writer`](concord_core::api::Instance::refuse_unless_writer)),
+    /// checked inside the transaction.
     async fn enqueue(&self, tasks: Vec<NewTask>, source: EventSource) -> Result<Vec<(Task, bool)>>;
     /// Claims up to `max` claimable tasks for the instance: highest priority first,
-    /// then oldest; each gets a fresh claim token and lease.
+    /// then oldest; each gets a fresh claim token and lease. The instance must be
+    /// live with a current lease (else `unknown_instance`) and not a ghost.
     async fn claim_tasks(&self, spec: ClaimSpec) -> Result<Vec<ClaimedTask>>;
     /// Extends the lease of a current claim and records progress; `stale_claim` otherwise.
     async fn heartbeat_task(&self, id: &str, claim: &str, progress: Option<Value>) -> Result<i64>;

@@ -31,6 +31,9 @@ pub enum Suite {
     /// Recall over `--memories` memories: full-text p99 < 10 ms, hybrid p99 < 20 ms,
     /// recall@10 ≥ 0.95 against exact search.
     Recall,
+    /// A fresh embedded hub's start time and resident size when idle (start < 200 ms,
+    /// RSS < 30 MiB).
+    Idle,
     /// Every suite above, each with its baselines.
     All,
 }
@@ -249,6 +252,7 @@ async fn embedded(
 pub async fn run(args: BenchArgs) -> Result<()> {
     let suites = match args.suite {
         Suite::All => vec![
+            Suite::Idle,
             Suite::Heartbeat,
             Suite::Queue,
             Suite::QueueBatch,
@@ -264,7 +268,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         for &suite in &suites {
             eprintln!("bench: run {} of {}: {suite:?}", run + 1, args.runs.max(1));
             let args = args.for_suite(suite);
-            let r = concord_suite(&args, suite).await?;
+            let r = match suite {
+                Suite::Idle if args.hub.is_some() => {
+                    eprintln!("bench: idle skipped: it measures a hub it starts itself, not --hub");
+                    continue;
+                }
+                Suite::Idle => crate::bench_idle::measure(args.duration).await?,
+                _ => concord_suite(&args, suite).await?,
+            };
             print_report(&args, &r)?;
             reports.push(r);
             if !args.no_baselines {
@@ -328,6 +339,13 @@ fn args_line(a: &BenchArgs) -> String {
 fn print_report(args: &BenchArgs, r: &Report) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(r)?);
+    } else if r.suite == "idle" {
+        let f = |k: &str| r.extra.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        println!(
+            "{:<16} {:<28} start {:.1} ms, first answer {:.1} ms; RSS {:.1} MiB after {:.0} s idle (peak {:.1} MiB)",
+            r.suite, format!("{} {}", r.system, r.backend), f("start_ms"), f("first_answer_ms"),
+            f("rss_mib"), f("settle_s"), f("peak_rss_mib")
+        );
     } else {
         println!(
             "{:<16} {:<28} {:>10.0}/s  p50 {:>7.3}  p95 {:>7.3}  p99 {:>7.3}  max {:>8.3} ms  (n={}, errors={})",
@@ -375,7 +393,7 @@ async fn concord_suite(args: &BenchArgs, suite: Suite) -> Result<Report> {
                 let index = guard.as_ref().map(|g| g.state.memory.index.clone());
                 memory(&client, args, suite, backend, index).await
             }
-            Suite::All => Err(anyhow!("`all` is not one suite")),
+            Suite::Idle | Suite::All => Err(anyhow!("{suite:?} does not run on a started hub")),
         }
     }
     .await;

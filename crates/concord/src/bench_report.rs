@@ -57,6 +57,11 @@ const BUDGETS: &[Budget] = &[
             a.hybrid_p99.is_some_and(|p| p < 20.0) && a.recall_at_10.is_some_and(|r| r >= 0.95)
         },
     },
+    Budget {
+        suite: "idle",
+        text: "RSS < 30 MiB, start < 200 ms",
+        check: |a| a.rss_mib.is_some_and(|r| r < 30.0) && a.p50 < 200.0,
+    },
 ];
 
 /// Median and spread of one (suite, system) over runs.
@@ -74,6 +79,12 @@ struct Agg {
     recall_at_10: Option<f64>,
     /// Events suite: how long publishes took to be acknowledged, p99.
     publish_p99: Option<f64>,
+    /// Idle suite: resident size after settling, its peak, and the time to the
+    /// first answer (the start time is `p50`).
+    rss_mib: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    first_answer_ms: Option<f64>,
+    rss_range: Option<(f64, f64)>,
 }
 
 /// The median of an `extra` figure over runs, if the runs reported it.
@@ -117,6 +128,20 @@ pub fn write(path: &Path, reports: &[Report], args: &str) -> Result<()> {
                 hybrid_p99: extra_median(&rs, &["hybrid", "p99_ms"]),
                 recall_at_10: extra_median(&rs, &["ann_recall_at_10_vs_exact"]),
                 publish_p99: extra_median(&rs, &["publish_acked_ms", "p99"]),
+                rss_mib: extra_median(&rs, &["rss_mib"]),
+                peak_rss_mib: extra_median(&rs, &["peak_rss_mib"]),
+                first_answer_ms: extra_median(&rs, &["first_answer_ms"]),
+                rss_range: {
+                    let v: Vec<f64> = rs
+                        .iter()
+                        .filter_map(|r| r.extra.get("rss_mib")?.as_f64())
+                        .collect();
+                    (!v.is_empty()).then(|| {
+                        v.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), &x| {
+                            (lo.min(x), hi.max(x))
+                        })
+                    })
+                },
             };
             (k, a)
         })
@@ -153,6 +178,10 @@ pub fn write(path: &Path, reports: &[Report], args: &str) -> Result<()> {
     };
     for suite in &suites {
         writeln!(md, "## {suite}\n")?;
+        if suite == "idle" {
+            idle_section(&mut md, agg.get(&(suite.clone(), "concord".into())))?;
+            continue;
+        }
         writeln!(
             md,
             "| system | clients | throughput/s | p50 | p99 | runs | vs Concord |"
@@ -205,6 +234,41 @@ pub fn write(path: &Path, reports: &[Report], args: &str) -> Result<()> {
     }
     std::fs::write(path, md)?;
     std::fs::write(path.with_extension("svg"), chart(&agg))?;
+    Ok(())
+}
+
+/// The idle suite has no throughput: start time and resident size instead.
+fn idle_section(md: &mut String, a: Option<&Agg>) -> Result<()> {
+    let Some(a) = a else { return Ok(()) };
+    let (lo, hi) = a.rss_range.unwrap_or((f64::NAN, f64::NAN));
+    writeln!(
+        md,
+        "A fresh embedded hub (`concord serve` on an empty data dir, a child process of the bench): \
+         start is spawn to its \"listening\" line, then its first answer to `/healthz`; resident \
+         size (`VmRSS`) after it idled, and its peak (`VmHWM`).\n"
+    )?;
+    writeln!(
+        md,
+        "| start ms | first answer ms | RSS MiB | peak RSS MiB | runs |\n| ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    writeln!(
+        md,
+        "| {:.1} | {:.1} | {:.1} [{lo:.1}–{hi:.1}] | {:.1} | {} |",
+        a.p50,
+        a.first_answer_ms.unwrap_or(f64::NAN),
+        a.rss_mib.unwrap_or(f64::NAN),
+        a.peak_rss_mib.unwrap_or(f64::NAN),
+        a.runs
+    )?;
+    for b in BUDGETS.iter().filter(|b| b.suite == "idle") {
+        writeln!(
+            md,
+            "\nBudget (DESIGN §10): {} — **{}**.",
+            b.text,
+            if (b.check)(a) { "met" } else { "not met" }
+        )?;
+    }
+    writeln!(md)?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 mod baselines;
 mod bench;
+mod bench_idle;
 mod bench_memory;
 mod bench_progress;
 mod bench_report;

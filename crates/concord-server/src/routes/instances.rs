@@ -237,15 +237,7 @@ pub(crate) async fn require_labelled(s: &AppState, p: &Principal) -> ApiResult<O
         .get_instance(id)
         .await?
         .ok_or_else(|| Error::unknown_instance(id))?;
-    if inst.state != InstanceState::Live {
-        return Err(Error::unknown_instance(id).into());
-    }
-    if inst.role != Role::Primary && inst.is_unlabeled() {
-        return Err(Error::forbidden(format!(
-            "instance {id} has no label: it is a ghost until labelled (PATCH /v1/instances/{id} {{\"label\": …}})"
-        ))
-        .into());
-    }
+    inst.refuse_unless_writer()?;
     Ok(Some(inst))
 }
 
@@ -256,12 +248,7 @@ pub(crate) async fn require_labelled(s: &AppState, p: &Principal) -> ApiResult<O
 pub(crate) async fn deny_ghost(s: &AppState, p: &Principal) -> ApiResult<()> {
     let Some(id) = &p.instance else { return Ok(()) };
     if let Some(inst) = s.store.get_instance(id).await? {
-        if inst.role != Role::Primary && inst.is_unlabeled() {
-            return Err(Error::forbidden(format!(
-                "instance {id} has no label: it is a ghost until labelled (PATCH /v1/instances/{id} {{\"label\": …}})"
-            ))
-            .into());
-        }
+        inst.refuse_ghost()?;
     }
     Ok(())
 }

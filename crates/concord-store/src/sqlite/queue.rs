@@ -211,6 +211,11 @@ pub(crate) fn enqueue(
     tasks: &[NewTask],
     source: &EventSource,
 ) -> Result<Vec<(Task, bool)>> {
+    if let Some(id) = &source.instance {
+        get_instance(c, id)?
+            .ok_or_else(|| Error::unknown_instance(id))?
+            .refuse_unless_writer()?;
+    }
     let mut out = Vec::with_capacity(tasks.len());
     let mut created: Vec<Task> = Vec::new();
     for t in tasks {
@@ -279,7 +284,7 @@ pub(crate) fn enqueue(
                 .and_then(|mut s| s.execute(params![t.id, d]))
                 .map_err(db_err)?;
         }
-        if let Some((d, s)) = dead_dep {
+        let task = if let Some((d, s)) = dead_dep {
             finish_unsuccessfully(
                 c,
                 now,
@@ -287,8 +292,12 @@ pub(crate) fn enqueue(
                 TaskState::Cancelled,
                 &format!("cancelled: dependency {d} is {}", s.as_str()),
             )?;
-        }
-        let (task, _) = load(c, &t.id)?.ok_or_else(|| not_found(&t.id))?;
+            load(c, &t.id)?.ok_or_else(|| not_found(&t.id))?.0
+        } else {
+            // The row just written, without reading it back (and parsing its
+            // payload again): the conformance suite compares it with get_task.
+            inserted(t, state, now)
+        };
         created.push(task.clone());
         out.push((task, false));
     }
@@ -311,10 +320,39 @@ pub(crate) fn enqueue(
     Ok(out)
 }
 
+/// The task as `enqueue`'s INSERT stored it.
+fn inserted(t: &NewTask, state: TaskState, now: i64) -> Task {
+    Task {
+        id: t.id.clone(),
+        queue: t.queue.clone(),
+        state,
+        priority: t.priority,
+        payload: t.payload.clone(),
+        requires: t.requires.clone(),
+        target: t.target.clone(),
+        attempt: 0,
+        max_attempts: t.max_attempts,
+        backoff_ms: t.backoff_ms,
+        timeout_ms: t.timeout_ms,
+        claimed_by: None,
+        lease_until: None,
+        progress: None,
+        result: None,
+        error: None,
+        idempotency_key: t.idempotency_key.clone(),
+        not_before: t.not_before.filter(|&n| n > 0).map(Timestamp),
+        created_at: Timestamp(now),
+        updated_at: Timestamp(now),
+        completed_at: None,
+        depends_on: t.depends_on.clone(),
+    }
+}
+
 fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>> {
     let inst = get_instance(c, &spec.instance)?
         .filter(|i| i.state == InstanceState::Live && i.lease_until.millis() >= now)
         .ok_or_else(|| Error::unknown_instance(&spec.instance))?;
+    inst.refuse_ghost()?;
     let caps = serde_json::to_string(&inst.capabilities).unwrap_or_else(|_| "[]".into());
     // One placeholder per queue (not json_each), so the planner walks the partial
     // index of claimable tasks instead of scanning the table.

@@ -333,6 +333,64 @@ CREATE TABLE request_keys (
 CREATE INDEX request_keys_created ON request_keys(created_at);
 "#,
     ),
+    (
+        8,
+        r#"
+-- Fewer B-trees on the hot table. The single writer maintains every index a
+-- task's row meets on each enqueue, claim and completion, and each dirty index
+-- page is one more WAL frame per commit (DESIGN §10 queue budgets):
+--   * the idempotency key was a UNIQUE column, whose index held an entry for
+--     every task, keyless ones included; it is now a partial unique index;
+--   * tasks_claimed_by served only releasing an ended instance's claims, which
+--     now walks tasks_running_lease (the running tasks, a small set).
+-- (Counting tasks by triggers instead of tasks_queue_state was tried and was
+-- slower: a trigger runs per row, where the index costs a page per commit.)
+-- SQLite cannot drop a column's UNIQUE constraint, so the table is rebuilt with
+-- its rowids kept: they order equal-priority tasks oldest first.
+CREATE TABLE tasks_rebuilt (
+    id              TEXT PRIMARY KEY,
+    queue           TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    priority        INTEGER NOT NULL,
+    payload         TEXT NOT NULL,
+    requires        TEXT NOT NULL,
+    target          TEXT,
+    attempt         INTEGER NOT NULL,
+    max_attempts    INTEGER NOT NULL,
+    backoff_ms      INTEGER NOT NULL,
+    timeout_ms      INTEGER,
+    claimed_by      TEXT,
+    claim           TEXT,
+    lease_ms        INTEGER,
+    lease_until     INTEGER,
+    progress        TEXT,
+    result          TEXT,
+    error           TEXT,
+    idempotency_key TEXT,
+    not_before      INTEGER NOT NULL,
+    deps            INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    completed_at    INTEGER
+);
+INSERT INTO tasks_rebuilt (rowid, id, queue, state, priority, payload, requires, target, attempt,
+    max_attempts, backoff_ms, timeout_ms, claimed_by, claim, lease_ms, lease_until, progress, result,
+    error, idempotency_key, not_before, deps, created_at, updated_at, completed_at)
+SELECT rowid, id, queue, state, priority, payload, requires, target, attempt,
+    max_attempts, backoff_ms, timeout_ms, claimed_by, claim, lease_ms, lease_until, progress, result,
+    error, idempotency_key, not_before, deps, created_at, updated_at, completed_at
+FROM tasks;
+DROP TABLE tasks;
+ALTER TABLE tasks_rebuilt RENAME TO tasks;
+CREATE INDEX tasks_claimable ON tasks(queue, priority DESC) WHERE state IN ('pending', 'scheduled', 'failed');
+CREATE INDEX tasks_running_lease ON tasks(lease_until) WHERE state = 'running';
+CREATE INDEX tasks_waiting ON tasks(not_before) WHERE state IN ('scheduled', 'failed');
+CREATE INDEX tasks_finished ON tasks(completed_at) WHERE completed_at IS NOT NULL;
+CREATE UNIQUE INDEX tasks_idempotency ON tasks(idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+CREATE INDEX tasks_queue_state ON tasks(queue, state);
+"#,
+    ),
 ];
 
 /// Applies the migrations not yet recorded in `schema_migrations`.
@@ -362,4 +420,75 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<()> {
         tx.commit().map_err(db_err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::params;
+
+    fn apply_through(conn: &Connection, last: i64) {
+        for (_, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= last) {
+            conn.execute_batch(sql).unwrap();
+        }
+    }
+
+    fn insert_task(conn: &Connection, id: &str, queue: &str, state: &str, key: Option<&str>) {
+        conn.execute(
+            "INSERT INTO tasks (id, queue, state, priority, payload, requires, attempt, max_attempts, \
+             backoff_ms, idempotency_key, not_before, deps, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, 0, '{}', '[]', 0, 3, 1000, ?4, 0, 0, 1, 1)",
+            params![id, queue, state, key],
+        )
+        .unwrap();
+    }
+
+    /// Version 8 rebuilds the tasks table: existing tasks keep their rowids (the
+    /// FIFO order of claims) and their idempotency keys stay unique, and the two
+    /// lookups that lost an index still walk a narrow one.
+    #[test]
+    fn the_tasks_rebuild_keeps_order_and_keys() {
+        let conn = Connection::open_in_memory().unwrap();
+        apply_through(&conn, 7);
+        insert_task(&conn, "tsk_b", "jobs", "pending", Some("k1"));
+        insert_task(&conn, "tsk_a", "jobs", "completed", None);
+        insert_task(&conn, "tsk_c", "mail", "running", None);
+        let rowids = |conn: &Connection| -> Vec<(i64, String)> {
+            let mut s = conn
+                .prepare("SELECT rowid, id FROM tasks ORDER BY rowid")
+                .unwrap();
+            let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)));
+            rows.unwrap().map(|r| r.unwrap()).collect()
+        };
+        let before = rowids(&conn);
+        apply_only(&conn, 8);
+        assert_eq!(rowids(&conn), before);
+        // The idempotency key is still unique; keyless tasks are not in its index.
+        let dup = conn.execute(
+            "INSERT INTO tasks (id, queue, state, priority, payload, requires, attempt, max_attempts, \
+             backoff_ms, idempotency_key, not_before, deps, created_at, updated_at) \
+             VALUES ('tsk_d', 'jobs', 'pending', 0, '{}', '[]', 0, 3, 1000, 'k1', 0, 0, 1, 1)",
+            [],
+        );
+        assert!(dup.is_err(), "a second task with key k1 was accepted");
+        let walks = |sql: &str| -> String {
+            let mut s = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = s.query_map([], |r| r.get::<_, String>(3));
+            rows.unwrap()
+                .map(|r| r.unwrap())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        // Releasing an ended instance's claims walks the running tasks, not the table.
+        let plan = walks("SELECT id FROM tasks WHERE state = 'running' AND claimed_by = 'ins_x'");
+        assert!(plan.contains("tasks_running_lease"), "{plan}");
+        let plan = walks("SELECT id FROM tasks WHERE idempotency_key = 'k1'");
+        assert!(plan.contains("tasks_idempotency"), "{plan}");
+    }
+
+    fn apply_only(conn: &Connection, version: i64) {
+        for (_, sql) in MIGRATIONS.iter().filter(|(v, _)| *v == version) {
+            conn.execute_batch(sql).unwrap();
+        }
+    }
 }

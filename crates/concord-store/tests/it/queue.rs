@@ -20,6 +20,7 @@ conformance!(
     idempotency_keys_return_the_first_task,
     claims_follow_priority_target_requires_and_time,
     claims_need_a_live_instance,
+    only_a_live_labelled_instance_enqueues_or_claims_as_itself,
     task_heartbeat_extends_the_lease_and_records_progress,
     complete_one_by_one_and_in_batches,
     stale_claims_are_refused_and_change_nothing,
@@ -169,7 +170,8 @@ async fn enqueue_get_list_and_stats(store: DynStore) {
     a.timeout_ms = Some(60_000);
     let mut later = task("build");
     later.not_before = Some(t0 + 3_600_000);
-    let other = task("deploy");
+    let mut other = task("deploy");
+    other.idempotency_key = Some("deploy-once".into());
     let out = store
         .enqueue(vec![a.clone(), later.clone(), other.clone()], source())
         .await
@@ -201,7 +203,10 @@ async fn enqueue_get_list_and_stats(store: DynStore) {
     assert_eq!(l.state, TaskState::Scheduled, "not_before in the future");
     assert_eq!(l.not_before, Some(Timestamp(t0 + 3_600_000)));
 
-    assert_eq!(&get(&store, &a.id).await, t);
+    // What enqueue answers is what the store holds, field for field.
+    for (t, _) in &out {
+        assert_eq!(&get(&store, &t.id).await, t);
+    }
     assert_eq!(store.get_task("tsk_missing").await.unwrap(), None);
 
     let ids_of = |v: Vec<Task>| v.into_iter().map(|t| t.id).collect::<BTreeSet<_>>();
@@ -486,6 +491,65 @@ async fn claims_need_a_live_instance(store: DynStore) {
     refused(store.clone(), lapsed.id.clone()).await;
     let stats = store.queue_stats().await.unwrap();
     assert_eq!((stats[0].pending, stats[0].running), (1, 0));
+}
+
+async fn only_a_live_labelled_instance_enqueues_or_claims_as_itself(store: DynStore) {
+    let as_instance = |id: &str| EventSource {
+        instance: Some(id.to_string()),
+        entity: Some("workers".into()),
+        token: Some("tok_session".into()),
+    };
+    let ghost = register(&store, "workers", Role::Secondary, None)
+        .await
+        .instance;
+    let ended = register(&store, "workers", Role::Secondary, Some("ended"))
+        .await
+        .instance;
+    store.close_instance(&ended.id, &admin()).await.unwrap();
+    let seq = store.last_event_seq().await.unwrap();
+    let refused = [
+        (ghost.id.as_str(), ErrorCode::Forbidden),
+        (ended.id.as_str(), ErrorCode::UnknownInstance),
+        ("ins_nobody", ErrorCode::UnknownInstance),
+    ];
+    for (id, code) in refused {
+        let mut keyed = task("jobs");
+        keyed.idempotency_key = Some(format!("key-{id}"));
+        expect_err(
+            store
+                .enqueue(vec![task("jobs"), keyed], as_instance(id))
+                .await,
+            code,
+        );
+    }
+    assert!(
+        store.queue_stats().await.unwrap().is_empty(),
+        "nothing enqueued"
+    );
+    assert_eq!(
+        store.last_event_seq().await.unwrap(),
+        seq,
+        "nothing announced"
+    );
+
+    // A labelled secondary and an unlabelled primary are writers.
+    let labelled = worker(&store, "labelled").await;
+    let primary = register(&store, "solo", Role::Primary, None).await.instance;
+    for id in [labelled.as_str(), primary.id.as_str()] {
+        let out = store
+            .enqueue(vec![task("jobs")], as_instance(id))
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 1);
+    }
+    // The ghost may not claim them either, and its refusal holds nothing.
+    expect_err(
+        store.claim_tasks(spec(&ghost.id, "jobs", 2)).await,
+        ErrorCode::Forbidden,
+    );
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!((stats[0].pending, stats[0].running), (2, 0));
+    assert_eq!(claim(&store, spec(&labelled, "jobs", 2)).await.len(), 2);
 }
 
 async fn task_heartbeat_extends_the_lease_and_records_progress(store: DynStore) {

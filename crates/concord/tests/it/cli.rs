@@ -87,6 +87,7 @@ async fn bench_suites_smoke() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     for suite in [
+        "idle",
         "heartbeat",
         "queue ",
         "queue-batch-100",
@@ -100,5 +101,6 @@ async fn bench_suites_smoke() {
     }
     let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("Budget (DESIGN §10)"));
+    assert!(report.contains("## idle"), "no idle section in:\n{report}");
     assert!(md.with_extension("svg").exists());
 }

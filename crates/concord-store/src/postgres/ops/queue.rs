@@ -226,6 +226,12 @@ pub(crate) async fn enqueue(
     tasks: &[NewTask],
     source: &EventSource,
 ) -> R<Vec<(Task, bool)>> {
+    if let Some(id) = &source.instance {
+        share_instance(t, id)
+            .await?
+            .ok_or_else(|| Error::unknown_instance(id))?
+            .refuse_unless_writer()?;
+    }
     let mut out = Vec::with_capacity(tasks.len());
     let mut created: Vec<Task> = Vec::new();
     for nt in tasks {
@@ -354,6 +360,7 @@ async fn claim(t: &mut Tx<'_>, spec: &ClaimSpec) -> R<Vec<ClaimedTask>> {
         .await?
         .filter(|i| i.state == InstanceState::Live && i.lease_until.millis() >= t.now)
         .ok_or_else(|| Fail::Done(Error::unknown_instance(&spec.instance)))?;
+    inst.refuse_ghost()?;
     let candidates = rows(
         &t.c,
         "SELECT t.id, t.timeout_ms FROM tasks t \
