@@ -16,7 +16,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
-const TASK_COLS: &str = "id, queue, state, priority, payload, requires, target, attempt, max_attempts, backoff_ms, \
+/// Every column of a task, in `task_from_row`'s order. The payload lives in
+/// `task_payloads` (written once; see schema version 8), found by rowid.
+const TASK_COLS: &str = "id, queue, state, priority, (SELECT payload FROM task_payloads WHERE task = tasks.rowid), requires, target, attempt, max_attempts, backoff_ms, \
     timeout_ms, claimed_by, lease_until, progress, result, error, idempotency_key, not_before, created_at, updated_at, \
     completed_at, claim, CASE WHEN deps = 0 THEN '[]' ELSE (SELECT json_group_array(dep) FROM task_deps WHERE task = tasks.id) END";
 
@@ -256,9 +258,9 @@ pub(crate) fn enqueue(
             TaskState::Pending
         };
         c.prepare_cached(
-            "INSERT INTO tasks (id, queue, state, priority, payload, requires, target, attempt, max_attempts, backoff_ms, \
+            "INSERT INTO tasks (id, queue, state, priority, requires, target, attempt, max_attempts, backoff_ms, \
              timeout_ms, idempotency_key, not_before, deps, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -266,7 +268,6 @@ pub(crate) fn enqueue(
                 t.queue,
                 state.as_str(),
                 t.priority,
-                serde_json::to_string(&t.payload).unwrap_or_else(|_| "null".into()),
                 serde_json::to_string(&t.requires).unwrap_or_else(|_| "[]".into()),
                 t.target,
                 t.max_attempts,
@@ -279,6 +280,14 @@ pub(crate) fn enqueue(
             ])
         })
         .map_err(db_err)?;
+        c.prepare_cached("INSERT INTO task_payloads (task, payload) VALUES (?1, ?2)")
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.last_insert_rowid(),
+                    serde_json::to_string(&t.payload).unwrap_or_else(|_| "null".into())
+                ])
+            })
+            .map_err(db_err)?;
         for d in &t.depends_on {
             c.prepare_cached("INSERT OR IGNORE INTO task_deps (task, dep) VALUES (?1, ?2)")
                 .and_then(|mut s| s.execute(params![t.id, d]))
@@ -868,6 +877,12 @@ impl QueueStore for SqliteStore {
                 let cut = now - retention_ms;
                 c.execute(
                     "DELETE FROM task_deps WHERE task IN (SELECT id FROM tasks WHERE completed_at < ?1 \
+                     AND state IN ('completed', 'dead', 'cancelled'))",
+                    [cut],
+                )
+                .map_err(db_err)?;
+                c.execute(
+                    "DELETE FROM task_payloads WHERE task IN (SELECT rowid FROM tasks WHERE completed_at < ?1 \
                      AND state IN ('completed', 'dead', 'cancelled'))",
                     [cut],
                 )

@@ -343,16 +343,20 @@ CREATE INDEX request_keys_created ON request_keys(created_at);
 --     every task, keyless ones included; it is now a partial unique index;
 --   * tasks_claimed_by served only releasing an ended instance's claims, which
 --     now walks tasks_running_lease (the running tasks, a small set).
+--   * the payload moves to task_payloads, written once at enqueue: a claim or
+--     a completion rewrote the whole row, payload included (1 KiB in the
+--     benchmark), and three such rows filled a page, so every commit dirtied
+--     a page per few tasks in flight. The row that changes is now small.
 -- (Counting tasks by triggers instead of tasks_queue_state was tried and was
 -- slower: a trigger runs per row, where the index costs a page per commit.)
 -- SQLite cannot drop a column's UNIQUE constraint, so the table is rebuilt with
--- its rowids kept: they order equal-priority tasks oldest first.
+-- its rowids kept: they order equal-priority tasks oldest first, and key the
+-- payloads.
 CREATE TABLE tasks_rebuilt (
     id              TEXT PRIMARY KEY,
     queue           TEXT NOT NULL,
     state           TEXT NOT NULL,
     priority        INTEGER NOT NULL,
-    payload         TEXT NOT NULL,
     requires        TEXT NOT NULL,
     target          TEXT,
     attempt         INTEGER NOT NULL,
@@ -373,13 +377,19 @@ CREATE TABLE tasks_rebuilt (
     updated_at      INTEGER NOT NULL,
     completed_at    INTEGER
 );
-INSERT INTO tasks_rebuilt (rowid, id, queue, state, priority, payload, requires, target, attempt,
+INSERT INTO tasks_rebuilt (rowid, id, queue, state, priority, requires, target, attempt,
     max_attempts, backoff_ms, timeout_ms, claimed_by, claim, lease_ms, lease_until, progress, result,
     error, idempotency_key, not_before, deps, created_at, updated_at, completed_at)
-SELECT rowid, id, queue, state, priority, payload, requires, target, attempt,
+SELECT rowid, id, queue, state, priority, requires, target, attempt,
     max_attempts, backoff_ms, timeout_ms, claimed_by, claim, lease_ms, lease_until, progress, result,
     error, idempotency_key, not_before, deps, created_at, updated_at, completed_at
 FROM tasks;
+-- task is the task's rowid; the two are deleted together (prune).
+CREATE TABLE task_payloads (
+    task    INTEGER PRIMARY KEY,
+    payload TEXT NOT NULL
+);
+INSERT INTO task_payloads (task, payload) SELECT rowid, payload FROM tasks;
 DROP TABLE tasks;
 ALTER TABLE tasks_rebuilt RENAME TO tasks;
 CREATE INDEX tasks_claimable ON tasks(queue, priority DESC) WHERE state IN ('pending', 'scheduled', 'failed');
@@ -444,7 +454,7 @@ mod tests {
     }
 
     /// Version 8 rebuilds the tasks table: existing tasks keep their rowids (the
-    /// FIFO order of claims) and their idempotency keys stay unique, and the two
+    /// FIFO order of claims) and payloads, their idempotency keys stay unique, and the two
     /// lookups that lost an index still walk a narrow one.
     #[test]
     fn the_tasks_rebuild_keeps_order_and_keys() {
@@ -460,14 +470,28 @@ mod tests {
             let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)));
             rows.unwrap().map(|r| r.unwrap()).collect()
         };
+        conn.execute("UPDATE tasks SET payload = '{\"n\":' || rowid || '}'", [])
+            .unwrap();
         let before = rowids(&conn);
         apply_only(&conn, 8);
         assert_eq!(rowids(&conn), before);
+        let payloads: Vec<(String, String)> = {
+            let mut s = conn
+                .prepare("SELECT t.id, p.payload FROM tasks t JOIN task_payloads p ON p.task = t.rowid ORDER BY t.rowid")
+                .unwrap();
+            let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)));
+            rows.unwrap().map(|r| r.unwrap()).collect()
+        };
+        let expected: Vec<(String, String)> = before
+            .iter()
+            .map(|(rowid, id)| (id.clone(), format!("{{\"n\":{rowid}}}")))
+            .collect();
+        assert_eq!(payloads, expected, "every payload moved to its task's rowid");
         // The idempotency key is still unique; keyless tasks are not in its index.
         let dup = conn.execute(
-            "INSERT INTO tasks (id, queue, state, priority, payload, requires, attempt, max_attempts, \
+            "INSERT INTO tasks (id, queue, state, priority, requires, attempt, max_attempts, \
              backoff_ms, idempotency_key, not_before, deps, created_at, updated_at) \
-             VALUES ('tsk_d', 'jobs', 'pending', 0, '{}', '[]', 0, 3, 1000, 'k1', 0, 0, 1, 1)",
+             VALUES ('tsk_d', 'jobs', 'pending', 0, '[]', 0, 3, 1000, 'k1', 0, 0, 1, 1)",
             [],
         );
         assert!(dup.is_err(), "a second task with key k1 was accepted");
