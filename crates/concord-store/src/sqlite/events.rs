@@ -73,6 +73,40 @@ fn event_floor(c: &Connection) -> Result<i64> {
     .map(|v| v.unwrap_or(0))
 }
 
+/// The last event written before `time`, found by bisecting seqs: the writer
+/// stamps events with its clock as it appends them, so time rises with seq.
+/// Why not an index on time: it was one more B-tree page in every commit, for
+/// a question retention asks every few seconds. Were the clock stepped back,
+/// the cut lands near the step instead of exactly at `time`; retention is a
+/// bound on the log's age, and stays one within that step.
+fn last_older_than(c: &Connection, time: i64, head: i64) -> Result<i64> {
+    let mut at = c
+        .prepare_cached("SELECT seq, time FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")
+        .map_err(db_err)?;
+    // The first event at or after `seq`, if any.
+    let mut probe = |seq: i64| -> Result<Option<(i64, i64)>> {
+        at.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(db_err)
+    };
+    let Some((first, first_time)) = probe(0)? else {
+        return Ok(0);
+    };
+    if first_time >= time {
+        return Ok(0);
+    }
+    // Invariant: `lo` is an event older than `time`; every seq above `hi` is not.
+    let (mut lo, mut hi) = (first, head);
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        match probe(mid)? {
+            Some((seq, t)) if seq <= hi && t < time => lo = seq,
+            _ => hi = mid - 1,
+        }
+    }
+    Ok(lo)
+}
+
 fn prune(
     c: &Connection,
     now: i64,
@@ -84,13 +118,7 @@ fn prune(
         .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
         .map_err(db_err)?;
     // Everything up to `cut` goes: older than max_age, or beyond the newest max_count.
-    let by_age: i64 = c
-        .query_row(
-            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE time < ?1",
-            [now - max_age_ms],
-            |r| r.get(0),
-        )
-        .map_err(db_err)?;
+    let by_age = last_older_than(c, now - max_age_ms, head)?;
     let by_count = (head - max_count).max(0);
     // The newest event always stays: SQLite numbers a row of an emptied table from 1
     // again, which would hand out positions that readers have already passed.
@@ -336,5 +364,37 @@ impl EventStore for SqliteStore {
     async fn ack_message(&self, instance: &str, message: &str) -> Result<bool> {
         let (i, m) = (instance.to_string(), message.to_string());
         self.writer.write(move |c, now| ack(c, now, &i, &m)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bisection answers what `MAX(seq) WHERE time < t` answered with an
+    /// index, over a log with a pruned head and gaps.
+    #[test]
+    fn bisecting_the_log_finds_the_last_event_older_than_a_time() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE events (seq INTEGER PRIMARY KEY, time INTEGER NOT NULL)")
+            .unwrap();
+        assert_eq!(last_older_than(&c, 100, 0).unwrap(), 0, "empty log");
+        // seqs 5..=200 with gaps at multiples of 7; several events per millisecond.
+        let seqs: Vec<i64> = (5..=200).filter(|s| s % 7 != 0).collect();
+        for &s in &seqs {
+            c.execute("INSERT INTO events (seq, time) VALUES (?1, ?2)", [s, 1_000 + s / 3])
+                .unwrap();
+        }
+        let head = 200;
+        for time in 990..1_100 {
+            let expected: i64 = c
+                .query_row(
+                    "SELECT COALESCE(MAX(seq), 0) FROM events WHERE time < ?1",
+                    [time],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(last_older_than(&c, time, head).unwrap(), expected, "time {time}");
+        }
     }
 }
