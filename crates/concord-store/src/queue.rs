@@ -79,6 +79,11 @@ pub trait QueueStore: Send + Sync {
     async fn heartbeat_task(&self, id: &str, claim: &str, progress: Option<Value>) -> Result<i64>;
     /// Completes each task whose claim is current; one outcome per item, one transaction.
     async fn complete_tasks(&self, items: Vec<Completion>) -> Result<Vec<Result<Task>>>;
+    /// `complete_tasks`, answering only whether each item completed: no task is
+    /// read back. The batch route answers outcomes, and reading a hundred tasks
+    /// back (payloads parsed) was an eighth of the SQLite writer's time under
+    /// batch load.
+    async fn complete_outcomes(&self, items: Vec<Completion>) -> Result<Vec<Result<()>>>;
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task>;
     /// Cancels a task that has not finished; a running task's claim becomes stale.
     async fn cancel_task(&self, id: &str, by: &str) -> Result<Task>;

@@ -348,7 +348,7 @@ pub(crate) async fn complete_batch(
             result: i.result,
         })
         .collect();
-    let out = s.store.complete_tasks(items).await?;
+    let out = s.store.complete_outcomes(items).await?;
     let results = ids
         .into_iter()
         .zip(out)

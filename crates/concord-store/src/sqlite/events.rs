@@ -382,8 +382,11 @@ mod tests {
         // seqs 5..=200 with gaps at multiples of 7; several events per millisecond.
         let seqs: Vec<i64> = (5..=200).filter(|s| s % 7 != 0).collect();
         for &s in &seqs {
-            c.execute("INSERT INTO events (seq, time) VALUES (?1, ?2)", [s, 1_000 + s / 3])
-                .unwrap();
+            c.execute(
+                "INSERT INTO events (seq, time) VALUES (?1, ?2)",
+                [s, 1_000 + s / 3],
+            )
+            .unwrap();
         }
         let head = 200;
         for time in 990..1_100 {
@@ -394,7 +397,11 @@ mod tests {
                     |r| r.get(0),
                 )
                 .unwrap();
-            assert_eq!(last_older_than(&c, time, head).unwrap(), expected, "time {time}");
+            assert_eq!(
+                last_older_than(&c, time, head).unwrap(),
+                expected,
+                "time {time}"
+            );
         }
     }
 }

@@ -96,8 +96,25 @@ fn event(
 ) -> Result<i64> {
     let list: Vec<Value> = tasks
         .iter()
-        .map(|t| json!({"id": t.id, "queue": t.queue, "state": t.state}))
+        .map(|t| task_ref(&t.id, &t.queue, t.state))
         .collect();
+    event_of(c, now, topic, source, list, extra)
+}
+
+/// A task as events name it.
+fn task_ref(id: &str, queue: &str, state: TaskState) -> Value {
+    json!({"id": id, "queue": queue, "state": state})
+}
+
+/// Appends a `sys.task.*` event naming `list` (see `task_ref`).
+fn event_of(
+    c: &Connection,
+    now: i64,
+    topic: &str,
+    source: &EventSource,
+    list: Vec<Value>,
+    extra: Value,
+) -> Result<i64> {
     let mut data = json!({ "tasks": list });
     if let (Some(d), Value::Object(m)) = (data.as_object_mut(), extra) {
         d.extend(m);
@@ -469,45 +486,60 @@ fn heartbeat(
     Ok(until)
 }
 
-fn complete(c: &Connection, now: i64, items: &[Completion]) -> Result<Vec<Result<Task>>> {
+/// Completes each item whose claim is current; with `read_back`, answers the
+/// completed task, else only that it completed. The claim is checked on a
+/// narrow read (no payload), and the event names the tasks from it.
+fn complete(
+    c: &Connection,
+    now: i64,
+    items: &[Completion],
+    read_back: bool,
+) -> Result<Vec<Result<Option<Task>>>> {
     let mut out = Vec::with_capacity(items.len());
     let mut done = Vec::new();
+    let mut by = None;
     for it in items {
-        match current(c, &it.id, &it.claim) {
-            Err(e) => out.push(Err(e)),
-            Ok(mut t) => {
-                c.prepare_cached(
-                    "UPDATE tasks SET state = 'completed', result = ?2, lease_until = NULL, updated_at = ?3, \
-                     completed_at = ?3 WHERE id = ?1",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![it.id, serde_json::to_string(&it.result).unwrap_or_else(|_| "null".into()), now])
+        let held: Option<(String, String, Option<String>, Option<String>)> = c
+            .prepare_cached("SELECT queue, state, claim, claimed_by FROM tasks WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([&it.id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
-                .map_err(db_err)?;
-                t.state = TaskState::Completed;
-                t.result = Some(it.result.clone());
-                t.lease_until = None;
-                t.updated_at = Timestamp(now);
-                t.completed_at = Some(Timestamp(now));
-                done.push(t.clone());
-                out.push(Ok(t));
-            }
+                .optional()
+            })
+            .map_err(db_err)?;
+        let Some((queue, state, claim, claimed_by)) = held else {
+            out.push(Err(not_found(&it.id)));
+            continue;
+        };
+        let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
+        if state != TaskState::Running || claim.as_deref() != Some(it.claim.as_str()) {
+            out.push(Err(stale(&it.id, state)));
+            continue;
         }
+        c.prepare_cached(
+            "UPDATE tasks SET state = 'completed', result = ?2, lease_until = NULL, updated_at = ?3, \
+             completed_at = ?3 WHERE id = ?1",
+        )
+        .and_then(|mut s| {
+            s.execute(params![it.id, serde_json::to_string(&it.result).unwrap_or_else(|_| "null".into()), now])
+        })
+        .map_err(db_err)?;
+        if done.is_empty() {
+            by = claimed_by;
+        }
+        done.push(task_ref(&it.id, &queue, TaskState::Completed));
+        out.push(Ok(match read_back {
+            true => Some(load(c, &it.id)?.ok_or_else(|| not_found(&it.id))?.0),
+            false => None,
+        }));
     }
     if !done.is_empty() {
-        let refs: Vec<&Task> = done.iter().collect();
-        let by = done[0].claimed_by.clone();
-        event(
-            c,
-            now,
-            topics::TASK_COMPLETED,
-            &EventSource {
-                instance: by,
-                ..hub()
-            },
-            &refs,
-            json!({}),
-        )?;
+        let source = EventSource {
+            instance: by,
+            ..hub()
+        };
+        event_of(c, now, topics::TASK_COMPLETED, &source, done, json!({}))?;
     }
     Ok(out)
 }
@@ -769,9 +801,26 @@ impl QueueStore for SqliteStore {
     }
 
     async fn complete_tasks(&self, items: Vec<Completion>) -> Result<Vec<Result<Task>>> {
-        self.writer
-            .write(move |c, now| complete(c, now, &items))
-            .await
+        let out = self
+            .writer
+            .write(move |c, now| complete(c, now, &items, true))
+            .await?;
+        Ok(out
+            .into_iter()
+            .map(|r| {
+                r.and_then(|t| {
+                    t.ok_or_else(|| Error::internal("a completed task was not read back"))
+                })
+            })
+            .collect())
+    }
+
+    async fn complete_outcomes(&self, items: Vec<Completion>) -> Result<Vec<Result<()>>> {
+        let out = self
+            .writer
+            .write(move |c, now| complete(c, now, &items, false))
+            .await?;
+        Ok(out.into_iter().map(|r| r.map(|_| ())).collect())
     }
 
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {

@@ -489,7 +489,10 @@ mod tests {
             .iter()
             .map(|(rowid, id)| (id.clone(), format!("{{\"n\":{rowid}}}")))
             .collect();
-        assert_eq!(payloads, expected, "every payload moved to its task's rowid");
+        assert_eq!(
+            payloads, expected,
+            "every payload moved to its task's rowid"
+        );
         // The idempotency key is still unique; keyless tasks are not in its index.
         let dup = conn.execute(
             "INSERT INTO tasks (id, queue, state, priority, requires, attempt, max_attempts, \

@@ -23,6 +23,7 @@ conformance!(
     only_a_live_labelled_instance_enqueues_or_claims_as_itself,
     task_heartbeat_extends_the_lease_and_records_progress,
     complete_one_by_one_and_in_batches,
+    completing_for_outcomes_changes_and_announces_the_same,
     stale_claims_are_refused_and_change_nothing,
     failures_retry_with_backoff_then_die,
     cancel_stops_a_task_and_cascades_to_dependents,
@@ -664,6 +665,60 @@ async fn complete_one_by_one_and_in_batches(store: DynStore) {
     let stats = store.queue_stats().await.unwrap();
     assert_eq!((stats[0].completed, stats[0].running), (2, 1));
     assert_eq!(tasks.len(), 3);
+}
+
+/// The batch route's completion answers outcomes only; what it changes and
+/// announces is what `complete_tasks` would have.
+async fn completing_for_outcomes_changes_and_announces_the_same(store: DynStore) {
+    let w = worker(&store, "w").await;
+    enqueue(&store, vec![task("jobs"), task("jobs"), task("jobs")]).await;
+    let got = claim(&store, spec(&w, "jobs", 3)).await;
+    let before = store.last_event_seq().await.unwrap();
+    let out = store
+        .complete_outcomes(vec![
+            completion(&got[0], json!({"ok": 1})),
+            Completion {
+                claim: "clm_forged".into(),
+                ..completion(&got[1], json!(null))
+            },
+            completion(&got[2], json!("done")),
+            Completion {
+                id: "tsk_missing".into(),
+                ..completion(&got[2], json!(null))
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 4, "one outcome per item, in order");
+    assert!(out[0].is_ok() && out[2].is_ok(), "{out:?}");
+    assert_eq!(out[1].as_ref().unwrap_err().code, ErrorCode::StaleClaim);
+    assert_eq!(out[3].as_ref().unwrap_err().code, ErrorCode::NotFound);
+    for (c, result) in [(&got[0], json!({"ok": 1})), (&got[2], json!("done"))] {
+        let t = get(&store, &c.task.id).await;
+        assert_eq!((t.state, t.result), (TaskState::Completed, Some(result)));
+        assert_eq!(t.lease_until, None);
+    }
+    assert_eq!(get(&store, &got[1].task.id).await, got[1].task, "unchanged");
+    let events = events_after(&store, before).await;
+    assert_eq!(
+        task_events(&events),
+        [ev(
+            topics::TASK_COMPLETED,
+            vec![
+                (got[0].task.id.clone(), "completed".into()),
+                (got[2].task.id.clone(), "completed".into())
+            ]
+        )]
+    );
+    assert_eq!(events[0].source.instance.as_deref(), Some(w.as_str()));
+    assert_eq!(events[0].data["tasks"][1]["queue"], "jobs");
+    let again = store
+        .complete_outcomes(vec![completion(&got[0], json!(2))])
+        .await
+        .unwrap();
+    assert_eq!(again[0].as_ref().unwrap_err().code, ErrorCode::StaleClaim);
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!((stats[0].completed, stats[0].running), (2, 1));
 }
 
 async fn stale_claims_are_refused_and_change_nothing(store: DynStore) {

@@ -423,36 +423,62 @@ async fn heartbeat(t: &mut Tx<'_>, id: &str, claim: &str, progress: &Option<Valu
     get(&row, 0)
 }
 
-async fn complete(t: &mut Tx<'_>, items: &[Completion]) -> R<Vec<Result<Task>>> {
+/// Completes each item whose claim is current; with `read_back`, answers the
+/// completed task, else only that it completed (the row is locked and checked
+/// on its state and claim alone).
+async fn complete(
+    t: &mut Tx<'_>,
+    items: &[Completion],
+    read_back: bool,
+) -> R<Vec<Result<Option<Task>>>> {
     let mut out = Vec::with_capacity(items.len());
-    let mut done = Vec::new();
+    let mut done: Vec<Value> = Vec::new();
+    let mut by = None;
     for it in items {
-        match current(t, &it.id, &it.claim).await {
-            Err(Fail::Done(e)) => out.push(Err(e)),
-            Err(retry) => return Err(retry),
-            Ok(_) => {
-                let row = row_one(
-                    &t.c,
-                    &format!(
-                        "UPDATE tasks SET state = 'completed', result = $2, lease_until = NULL, updated_at = $3, \
-                         completed_at = $3 WHERE id = $1 RETURNING {TASK_COLS}"
-                    ),
-                    &[&it.id, &Json(&it.result), &t.now],
-                )
-                .await?;
-                let (task, _) = task_from_row(&row)?;
-                done.push(task.clone());
-                out.push(Ok(task));
+        let Some(held) = row_opt(
+            &t.c,
+            "SELECT state, claim FROM tasks WHERE id = $1 FOR UPDATE",
+            &[&it.id],
+        )
+        .await?
+        else {
+            out.push(Err(Error::not_found(format!("no task {}", it.id))));
+            continue;
+        };
+        let state: String = get(&held, 0)?;
+        let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
+        let claim: Option<String> = get(&held, 1)?;
+        if state != TaskState::Running || claim.as_deref() != Some(it.claim.as_str()) {
+            match stale(&it.id, state) {
+                Fail::Done(e) => out.push(Err(e)),
+                retry => return Err(retry),
             }
+            continue;
         }
+        let set = "UPDATE tasks SET state = 'completed', result = $2, lease_until = NULL, updated_at = $3, \
+                   completed_at = $3 WHERE id = $1";
+        let args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&it.id, &Json(&it.result), &t.now];
+        let (queue, claimer, task) = if read_back {
+            let row = row_one(&t.c, &format!("{set} RETURNING {TASK_COLS}"), &args).await?;
+            let (task, _) = task_from_row(&row)?;
+            (task.queue.clone(), task.claimed_by.clone(), Some(task))
+        } else {
+            let row = row_one(&t.c, &format!("{set} RETURNING queue, claimed_by"), &args).await?;
+            (get(&row, 0)?, get(&row, 1)?, None)
+        };
+        if done.is_empty() {
+            by = claimer;
+        }
+        done.push(json!({"id": it.id, "queue": queue, "state": TaskState::Completed}));
+        out.push(Ok(task));
     }
     if !done.is_empty() {
-        let refs: Vec<&Task> = done.iter().collect();
         let src = EventSource {
-            instance: done[0].claimed_by.clone(),
+            instance: by,
             ..hub_source()
         };
-        event(t, topics::TASK_COMPLETED, &src, &refs, json!({}));
+        t.event(topics::TASK_COMPLETED, &src, json!({ "tasks": done }));
     }
     Ok(out)
 }
@@ -662,7 +688,20 @@ impl QueueStore for PostgresStore {
     }
 
     async fn complete_tasks(&self, items: Vec<Completion>) -> Result<Vec<Result<Task>>> {
-        tx!(self, [items], |t| complete(t, &items))
+        let out = tx!(self, [items], |t| complete(t, &items, true))?;
+        Ok(out
+            .into_iter()
+            .map(|r| {
+                r.and_then(|t| {
+                    t.ok_or_else(|| Error::internal("a completed task was not read back"))
+                })
+            })
+            .collect())
+    }
+
+    async fn complete_outcomes(&self, items: Vec<Completion>) -> Result<Vec<Result<()>>> {
+        let out = tx!(self, [items], |t| complete(t, &items, false))?;
+        Ok(out.into_iter().map(|r| r.map(|_| ())).collect())
     }
 
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
