@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use concord_core::api::{ClaimedTask, EventSource, QueueStats, Schedule, Task, TaskState};
-use concord_core::Result;
+use concord_core::{Error, Result};
 use serde_json::Value;
 
 /// A validated enqueue, with the id chosen by the hub.
@@ -103,4 +103,19 @@ pub trait QueueStore: Send + Sync {
     async fn fire_schedule(&self, name: &str, due: i64, next_due: i64) -> Result<Option<Task>>;
     /// Removes finished tasks older than `retention_ms`.
     async fn prune_tasks(&self, retention_ms: i64) -> Result<u64>;
+}
+
+/// A completion's per-item answers as `complete_tasks` gives them, from a
+/// backend's completion that was asked to read each task back.
+pub(crate) fn read_back(out: Vec<Result<Option<Task>>>) -> Vec<Result<Task>> {
+    out.into_iter()
+        .map(|r| {
+            r.and_then(|t| t.ok_or_else(|| Error::internal("a completed task was not read back")))
+        })
+        .collect()
+}
+
+/// A completion's per-item answers as `complete_outcomes` gives them.
+pub(crate) fn outcomes(out: Vec<Result<Option<Task>>>) -> Vec<Result<()>> {
+    out.into_iter().map(|r| r.map(|_| ())).collect()
 }

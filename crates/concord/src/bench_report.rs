@@ -221,14 +221,7 @@ pub fn write(path: &Path, reports: &[Report], args: &str) -> Result<()> {
             }
         }
         if let Some(a) = agg.get(&(suite.clone(), "concord".into())) {
-            for b in BUDGETS.iter().filter(|b| b.suite == suite) {
-                writeln!(
-                    md,
-                    "\nBudget (DESIGN §10): {} — **{}**.",
-                    b.text,
-                    if (b.check)(a) { "met" } else { "not met" }
-                )?;
-            }
+            budget_lines(&mut md, suite, a)?;
         }
         writeln!(md)?;
     }
@@ -260,7 +253,14 @@ fn idle_section(md: &mut String, a: Option<&Agg>) -> Result<()> {
         a.peak_rss_mib.unwrap_or(f64::NAN),
         a.runs
     )?;
-    for b in BUDGETS.iter().filter(|b| b.suite == "idle") {
+    budget_lines(md, "idle", a)?;
+    writeln!(md)?;
+    Ok(())
+}
+
+/// The suite's DESIGN §10 budgets, each met or not.
+fn budget_lines(md: &mut String, suite: &str, a: &Agg) -> Result<()> {
+    for b in BUDGETS.iter().filter(|b| b.suite == suite) {
         writeln!(
             md,
             "\nBudget (DESIGN §10): {} — **{}**.",
@@ -268,7 +268,6 @@ fn idle_section(md: &mut String, a: Option<&Agg>) -> Result<()> {
             if (b.check)(a) { "met" } else { "not met" }
         )?;
     }
-    writeln!(md)?;
     Ok(())
 }
 

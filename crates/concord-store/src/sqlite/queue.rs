@@ -803,24 +803,15 @@ impl QueueStore for SqliteStore {
     async fn complete_tasks(&self, items: Vec<Completion>) -> Result<Vec<Result<Task>>> {
         let out = self
             .writer
-            .write(move |c, now| complete(c, now, &items, true))
-            .await?;
-        Ok(out
-            .into_iter()
-            .map(|r| {
-                r.and_then(|t| {
-                    t.ok_or_else(|| Error::internal("a completed task was not read back"))
-                })
-            })
-            .collect())
+            .write(move |c, now| complete(c, now, &items, true));
+        Ok(read_back(out.await?))
     }
 
     async fn complete_outcomes(&self, items: Vec<Completion>) -> Result<Vec<Result<()>>> {
         let out = self
             .writer
-            .write(move |c, now| complete(c, now, &items, false))
-            .await?;
-        Ok(out.into_iter().map(|r| r.map(|_| ())).collect())
+            .write(move |c, now| complete(c, now, &items, false));
+        Ok(outcomes(out.await?))
     }
 
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {

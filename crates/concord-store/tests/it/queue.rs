@@ -119,6 +119,24 @@ fn completion(c: &ClaimedTask, result: serde_json::Value) -> Completion {
 }
 
 /// The `sys.task.*` events after `after`, as (topic, [(task id, state)]).
+/// Completions of three claimed tasks: the first and third with their claims
+/// (results `{"ok": 1}` and `"done"`), the second with a forged claim, and a
+/// fourth for a task that does not exist.
+fn mixed_completions(got: &[ClaimedTask]) -> Vec<Completion> {
+    vec![
+        completion(&got[0], json!({"ok": 1})),
+        Completion {
+            claim: "clm_forged".into(),
+            ..completion(&got[1], json!(null))
+        },
+        completion(&got[2], json!("done")),
+        Completion {
+            id: "tsk_missing".into(),
+            ..completion(&got[2], json!(null))
+        },
+    ]
+}
+
 fn task_events(events: &[Event]) -> Vec<(String, Vec<(String, String)>)> {
     events
         .iter()
@@ -603,21 +621,7 @@ async fn complete_one_by_one_and_in_batches(store: DynStore) {
     assert_eq!(got.len(), 3);
     let before = store.last_event_seq().await.unwrap();
     let t0 = store.now_ms().await.unwrap();
-    let out = store
-        .complete_tasks(vec![
-            completion(&got[0], json!({"ok": 1})),
-            Completion {
-                claim: "clm_forged".into(),
-                ..completion(&got[1], json!(null))
-            },
-            completion(&got[2], json!("done")),
-            Completion {
-                id: "tsk_missing".into(),
-                ..completion(&got[2], json!(null))
-            },
-        ])
-        .await
-        .unwrap();
+    let out = store.complete_tasks(mixed_completions(&got)).await.unwrap();
     let t1 = store.now_ms().await.unwrap();
     assert_eq!(out.len(), 4, "one outcome per item, in order");
     let done = out[0].as_ref().unwrap();
@@ -675,18 +679,7 @@ async fn completing_for_outcomes_changes_and_announces_the_same(store: DynStore)
     let got = claim(&store, spec(&w, "jobs", 3)).await;
     let before = store.last_event_seq().await.unwrap();
     let out = store
-        .complete_outcomes(vec![
-            completion(&got[0], json!({"ok": 1})),
-            Completion {
-                claim: "clm_forged".into(),
-                ..completion(&got[1], json!(null))
-            },
-            completion(&got[2], json!("done")),
-            Completion {
-                id: "tsk_missing".into(),
-                ..completion(&got[2], json!(null))
-            },
-        ])
+        .complete_outcomes(mixed_completions(&got))
         .await
         .unwrap();
     assert_eq!(out.len(), 4, "one outcome per item, in order");

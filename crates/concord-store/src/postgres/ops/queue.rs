@@ -688,20 +688,15 @@ impl QueueStore for PostgresStore {
     }
 
     async fn complete_tasks(&self, items: Vec<Completion>) -> Result<Vec<Result<Task>>> {
-        let out = tx!(self, [items], |t| complete(t, &items, true))?;
-        Ok(out
-            .into_iter()
-            .map(|r| {
-                r.and_then(|t| {
-                    t.ok_or_else(|| Error::internal("a completed task was not read back"))
-                })
-            })
-            .collect())
+        Ok(read_back(tx!(self, [items], |t| complete(
+            t, &items, true
+        ))?))
     }
 
     async fn complete_outcomes(&self, items: Vec<Completion>) -> Result<Vec<Result<()>>> {
-        let out = tx!(self, [items], |t| complete(t, &items, false))?;
-        Ok(out.into_iter().map(|r| r.map(|_| ())).collect())
+        Ok(outcomes(tx!(self, [items], |t| complete(
+            t, &items, false
+        ))?))
     }
 
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
