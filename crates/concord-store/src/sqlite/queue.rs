@@ -86,6 +86,74 @@ fn hub() -> EventSource {
     EventSource::default()
 }
 
+/// Tasks moved between (queue, state) counts by one job, written to
+/// `task_counts` at the job's end: one row update per queue and state touched,
+/// however many tasks a batch moved. Every statement that inserts a task,
+/// changes its state or deletes it records its move here (or in `move_one`).
+#[derive(Default)]
+struct Moves(BTreeMap<(String, &'static str), i64>);
+
+impl Moves {
+    fn add(&mut self, queue: &str, state: TaskState, n: i64) {
+        *self
+            .0
+            .entry((queue.to_string(), state.as_str()))
+            .or_default() += n;
+    }
+
+    fn moved(&mut self, queue: &str, from: TaskState, to: TaskState) {
+        self.add(queue, from, -1);
+        self.add(queue, to, 1);
+    }
+
+    fn write(self, c: &Connection) -> Result<()> {
+        let mut s = c
+            .prepare_cached(
+                "INSERT INTO task_counts (queue, state, n) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (queue, state) DO UPDATE SET n = n + excluded.n",
+            )
+            .map_err(db_err)?;
+        for ((queue, state), n) in self.0.into_iter().filter(|(_, n)| *n != 0) {
+            s.execute(params![queue, state, n]).map_err(db_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Records one task's move at once (the paths that move one task at a time).
+fn move_one(c: &Connection, queue: &str, from: TaskState, to: TaskState) -> Result<()> {
+    let mut m = Moves::default();
+    m.moved(queue, from, to);
+    m.write(c)
+}
+
+/// Records the moves of the tasks a bulk statement is about to change:
+/// `select` yields (queue, state, count) of exactly those rows, and `to` is
+/// where they go (None: deleted).
+fn move_selected(c: &Connection, select: &str, arg: i64, to: Option<TaskState>) -> Result<()> {
+    let mut m = Moves::default();
+    let mut s = c.prepare_cached(select).map_err(db_err)?;
+    let rows = s
+        .query_map([arg], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(db_err)?;
+    for row in rows {
+        let (queue, state, n) = row.map_err(db_err)?;
+        if let Some(from) = TaskState::parse(&state) {
+            m.add(&queue, from, -n);
+            if let Some(to) = to {
+                m.add(&queue, to, n);
+            }
+        }
+    }
+    m.write(c)
+}
+
 fn event(
     c: &Connection,
     now: i64,
@@ -130,12 +198,21 @@ pub(crate) fn finish_unsuccessfully(
     state: TaskState,
     error: &str,
 ) -> Result<()> {
+    let before: Option<(String, String)> = c
+        .prepare_cached("SELECT queue, state FROM tasks WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(db_err)?;
     c.prepare_cached(
         "UPDATE tasks SET state = ?2, error = ?3, claim = NULL, claimed_by = NULL, lease_until = NULL, \
          updated_at = ?4, completed_at = ?4 WHERE id = ?1",
     )
     .and_then(|mut s| s.execute(params![id, state.as_str(), error, now]))
     .map_err(db_err)?;
+    if let Some((queue, from)) = before {
+        if let Some(from) = TaskState::parse(&from) {
+            move_one(c, &queue, from, state)?;
+        }
+    }
     let dependents: Vec<String> = {
         let mut s = c
             .prepare_cached(
@@ -182,6 +259,7 @@ fn lose_claim(c: &Connection, now: i64, t: &Task, reason: &str) -> Result<()> {
             )
             .and_then(|mut s| s.execute(params![t.id, reason, now]))
             .map_err(db_err)?;
+            move_one(c, &t.queue, t.state, TaskState::Pending)?;
             (topics::TASK_REQUEUED, reason.to_string())
         }
     };
@@ -237,6 +315,7 @@ pub(crate) fn enqueue(
     }
     let mut out = Vec::with_capacity(tasks.len());
     let mut created: Vec<Task> = Vec::new();
+    let mut moves = Moves::default();
     for t in tasks {
         if let Some(key) = &t.idempotency_key {
             let existing: Option<String> = c
@@ -305,6 +384,7 @@ pub(crate) fn enqueue(
                 ])
             })
             .map_err(db_err)?;
+        moves.add(&t.queue, state, 1);
         for d in &t.depends_on {
             c.prepare_cached("INSERT OR IGNORE INTO task_deps (task, dep) VALUES (?1, ?2)")
                 .and_then(|mut s| s.execute(params![t.id, d]))
@@ -327,6 +407,7 @@ pub(crate) fn enqueue(
         created.push(task.clone());
         out.push((task, false));
     }
+    moves.write(c)?;
     if !created.is_empty() {
         let refs: Vec<&Task> = created.iter().collect();
         event(c, now, topics::TASK_ENQUEUED, source, &refs, json!({}))?;
@@ -410,6 +491,7 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>>
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
     };
     let mut out = Vec::with_capacity(candidates.len());
+    let mut moves = Moves::default();
     for mut task in candidates {
         let lease = spec
             .lease_ms
@@ -424,6 +506,7 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>>
             s.execute(params![task.id, spec.instance, token, lease, now + lease, now])
         })
         .map_err(db_err)?;
+        moves.moved(&task.queue, task.state, TaskState::Running);
         task.state = TaskState::Running;
         task.attempt += 1;
         task.claimed_by = Some(spec.instance.clone());
@@ -431,6 +514,7 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>>
         task.updated_at = Timestamp(now);
         out.push(ClaimedTask { task, claim: token });
     }
+    moves.write(c)?;
     if !out.is_empty() {
         let refs: Vec<&Task> = out.iter().map(|t| &t.task).collect();
         let src = EventSource {
@@ -498,6 +582,7 @@ fn complete(
     let mut out = Vec::with_capacity(items.len());
     let mut done = Vec::new();
     let mut by = None;
+    let mut moves = Moves::default();
     for it in items {
         let held: Option<(String, String, Option<String>, Option<String>)> = c
             .prepare_cached("SELECT queue, state, claim, claimed_by FROM tasks WHERE id = ?1")
@@ -528,12 +613,14 @@ fn complete(
         if done.is_empty() {
             by = claimed_by;
         }
+        moves.moved(&queue, state, TaskState::Completed);
         done.push(task_ref(&it.id, &queue, TaskState::Completed));
         out.push(Ok(match read_back {
             true => Some(load(c, &it.id)?.ok_or_else(|| not_found(&it.id))?.0),
             false => None,
         }));
     }
+    moves.write(c)?;
     if !done.is_empty() {
         let source = EventSource {
             instance: by,
@@ -555,6 +642,7 @@ fn fail(c: &Connection, now: i64, id: &str, claim: &str, error: &str, retry: boo
             )
             .and_then(|mut s| s.execute(params![id, error, not_before, now]))
             .map_err(db_err)?;
+            move_one(c, &t.queue, t.state, TaskState::Failed)?;
             let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
             event(
                 c,
@@ -630,36 +718,28 @@ fn list(c: &Connection, f: &TaskFilter) -> Result<Vec<Task>> {
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
 }
 
+/// Counts come from `task_counts` (kept by the writer; see `Moves`), not from a scan: the table
+/// holds every finished task until pruned. The oldest pending task of a queue is
+/// the one walk that remains, over that queue's claimable entries only.
 fn stats(c: &Connection, now: i64) -> Result<Vec<QueueStats>> {
-    let mut s = c
-        .prepare_cached(
-            "SELECT queue, state, count(*), MIN(CASE WHEN state = 'pending' THEN created_at END) \
-             FROM tasks GROUP BY queue, state ORDER BY queue",
-        )
-        .map_err(db_err)?;
-    let rows = s
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-            ))
-        })
-        .map_err(db_err)?;
+    let counts: Vec<(String, String, i64)> = {
+        let mut s = c
+            .prepare_cached("SELECT queue, state, n FROM task_counts WHERE n > 0 ORDER BY queue")
+            .map_err(db_err)?;
+        let rows = s
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
+    };
     let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
-    for row in rows {
-        let (queue, state, n, oldest) = row.map_err(db_err)?;
+    for (queue, state, n) in counts {
         let q = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats {
             name: queue,
             ..Default::default()
         });
         let n = n as u64;
         match TaskState::parse(&state) {
-            Some(TaskState::Pending) => {
-                q.pending = n;
-                q.oldest_pending_age_ms = oldest.map(|o| (now - o).max(0));
-            }
+            Some(TaskState::Pending) => q.pending = n,
             Some(TaskState::Scheduled) => q.scheduled = n,
             Some(TaskState::Running) => q.running = n,
             Some(TaskState::Completed) => q.completed = n,
@@ -669,6 +749,16 @@ fn stats(c: &Connection, now: i64) -> Result<Vec<QueueStats>> {
             None => {}
         }
     }
+    let mut oldest = c
+        .prepare_cached(
+            "SELECT MIN(created_at) FROM tasks INDEXED BY tasks_claimable \
+             WHERE queue = ?1 AND state IN ('pending', 'scheduled', 'failed') AND state = 'pending'",
+        )
+        .map_err(db_err)?;
+    for q in by_queue.values_mut().filter(|q| q.pending > 0) {
+        let at: Option<i64> = oldest.query_row([&q.name], |r| r.get(0)).map_err(db_err)?;
+        q.oldest_pending_age_ms = at.map(|o| (now - o).max(0));
+    }
     Ok(by_queue.into_values().collect())
 }
 
@@ -677,6 +767,13 @@ fn requeue_lapsed(c: &Connection, now: i64, limit: usize) -> Result<usize> {
     for t in &lapsed {
         lose_claim(c, now, t, "claim lease expired")?;
     }
+    move_selected(
+        c,
+        "SELECT queue, state, count(*) FROM tasks INDEXED BY tasks_waiting \
+         WHERE state IN ('scheduled', 'failed') AND not_before <= ?1 GROUP BY queue, state",
+        now,
+        Some(TaskState::Pending),
+    )?;
     let promoted = c
         .execute(
             "UPDATE tasks SET state = 'pending', updated_at = ?1 WHERE id IN (SELECT id FROM tasks INDEXED BY tasks_waiting \
@@ -927,6 +1024,13 @@ impl QueueStore for SqliteStore {
                     [cut],
                 )
                 .map_err(db_err)?;
+                move_selected(
+                    c,
+                    "SELECT queue, state, count(*) FROM tasks WHERE completed_at < ?1 \
+                     AND state IN ('completed', 'dead', 'cancelled') GROUP BY queue, state",
+                    cut,
+                    None,
+                )?;
                 let n = c
                     .execute("DELETE FROM tasks WHERE completed_at < ?1 AND state IN ('completed', 'dead', 'cancelled')", [cut])
                     .map_err(db_err)?;

@@ -4,7 +4,7 @@
 //! that had not started.
 
 use crate::harness::*;
-use crate::queue::{claim, spec};
+use crate::queue::{assert_stats_match_tasks, claim, spec};
 use concord_core::api::{Role, TaskState};
 use concord_core::ids;
 use concord_store::{topics, Completion, DispatchRecord, DynStore, NewDispatch, NewTask};
@@ -169,6 +169,7 @@ async fn a_dispatch_reads_back_its_peers_work_and_liveness(store: DynStore) {
         .await
         .unwrap()
         .is_none());
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn finishing_cancels_unstarted_peers_and_happens_once(store: DynStore) {
@@ -250,6 +251,7 @@ async fn finishing_cancels_unstarted_peers_and_happens_once(store: DynStore) {
     let w = row(&rec, &ps[0]).work.as_ref().unwrap();
     assert_eq!(w.state, TaskState::Completed);
     assert!(w.completed_at >= rec.finished_at);
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn peers_are_added_once_per_instance(store: DynStore) {
@@ -288,6 +290,7 @@ async fn peers_are_added_once_per_instance(store: DynStore) {
         .collect();
     assert_eq!(added.len(), 2);
     assert_eq!(added[0].data["peers"], json!([ps[1], ps[2]]));
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn concurrent_finishes_finish_once(store: DynStore) {
@@ -319,4 +322,5 @@ async fn concurrent_finishes_finish_once(store: DynStore) {
     let rec = record(&store, &id).await;
     assert_eq!(rec.state, winners[0].0);
     assert_eq!(rec.result, Some(json!({"by": winners[0].1})));
+    assert_stats_match_tasks(&store).await;
 }

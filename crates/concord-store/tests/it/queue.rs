@@ -137,6 +137,66 @@ fn mixed_completions(got: &[ClaimedTask]) -> Vec<Completion> {
     ]
 }
 
+/// The stats' counts agree with the tasks themselves, queue by queue (SQLite keeps
+/// them as counters the writer updates on every move; PostgreSQL counts rows).
+pub async fn assert_stats_match_tasks(store: &DynStore) {
+    let mut tasks = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_tasks(TaskFilter {
+                queue: None,
+                state: None,
+                after: after.clone(),
+                limit: 500,
+            })
+            .await
+            .unwrap();
+        after = page.last().map(|t| t.id.clone());
+        let done = page.len() < 500;
+        tasks.extend(page);
+        if done {
+            break;
+        }
+    }
+    let mut expected: BTreeMap<String, [u64; 7]> = BTreeMap::new();
+    for t in &tasks {
+        let i = match t.state {
+            TaskState::Pending => 0,
+            TaskState::Scheduled => 1,
+            TaskState::Running => 2,
+            TaskState::Completed => 3,
+            TaskState::Failed => 4,
+            TaskState::Dead => 5,
+            TaskState::Cancelled => 6,
+        };
+        expected.entry(t.queue.clone()).or_default()[i] += 1;
+    }
+    let got: BTreeMap<String, [u64; 7]> = store
+        .queue_stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|q| {
+            let n = [
+                q.pending,
+                q.scheduled,
+                q.running,
+                q.completed,
+                q.failed,
+                q.dead,
+                q.cancelled,
+            ];
+            (q.name, n)
+        })
+        .filter(|(_, n)| n.iter().any(|&x| x > 0))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "stats [pending, scheduled, running, completed, failed, dead, cancelled] per queue"
+    );
+}
+
 fn task_events(events: &[Event]) -> Vec<(String, Vec<(String, String)>)> {
     events
         .iter()
@@ -297,6 +357,7 @@ async fn enqueue_get_list_and_stats(store: DynStore) {
         "one event for the batch"
     );
     assert_eq!(events[0].source, source());
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn idempotency_keys_return_the_first_task(store: DynStore) {
@@ -569,6 +630,7 @@ async fn only_a_live_labelled_instance_enqueues_or_claims_as_itself(store: DynSt
     let stats = store.queue_stats().await.unwrap();
     assert_eq!((stats[0].pending, stats[0].running), (2, 0));
     assert_eq!(claim(&store, spec(&labelled, "jobs", 2)).await.len(), 2);
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn task_heartbeat_extends_the_lease_and_records_progress(store: DynStore) {
@@ -669,6 +731,7 @@ async fn complete_one_by_one_and_in_batches(store: DynStore) {
     let stats = store.queue_stats().await.unwrap();
     assert_eq!((stats[0].completed, stats[0].running), (2, 1));
     assert_eq!(tasks.len(), 3);
+    assert_stats_match_tasks(&store).await;
 }
 
 /// The batch route's completion answers outcomes only; what it changes and
@@ -712,6 +775,7 @@ async fn completing_for_outcomes_changes_and_announces_the_same(store: DynStore)
     assert_eq!(again[0].as_ref().unwrap_err().code, ErrorCode::StaleClaim);
     let stats = store.queue_stats().await.unwrap();
     assert_eq!((stats[0].completed, stats[0].running), (2, 1));
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn stale_claims_are_refused_and_change_nothing(store: DynStore) {
@@ -787,6 +851,7 @@ async fn stale_claims_are_refused_and_change_nothing(store: DynStore) {
     let done = get(&store, &t.id).await;
     assert_eq!(done.state, TaskState::Completed);
     assert_eq!(done.result, Some(json!("by w2")));
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn failures_retry_with_backoff_then_die(store: DynStore) {
@@ -900,6 +965,7 @@ async fn failures_retry_with_backoff_then_die(store: DynStore) {
     let evs = task_events(&events_after(&store, before).await);
     assert!(evs.contains(&ev(topics::TASK_DEAD, one(&hopeless.id, "dead"))));
     assert!(evs.contains(&ev(topics::TASK_CANCELLED, one(&child.id, "cancelled"))));
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn cancel_stops_a_task_and_cascades_to_dependents(store: DynStore) {
@@ -969,6 +1035,7 @@ async fn cancel_stops_a_task_and_cascades_to_dependents(store: DynStore) {
         ErrorCode::NotFound,
     );
     assert_eq!(store.last_event_seq().await.unwrap(), seq);
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn dependencies_gate_claims(store: DynStore) {
@@ -1062,6 +1129,7 @@ async fn dependencies_gate_claims(store: DynStore) {
         ]
     );
     assert!(claim(&store, spec(&w, "dag", 10)).await.is_empty());
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn lapsed_claims_return_to_pending_or_die(store: DynStore) {
@@ -1135,6 +1203,7 @@ async fn lapsed_claims_return_to_pending_or_die(store: DynStore) {
     assert_eq!(store.requeue_lapsed(3).await.unwrap(), 3);
     assert_eq!(store.requeue_lapsed(3).await.unwrap(), 2);
     assert_eq!(store.requeue_lapsed(3).await.unwrap(), 0);
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn ending_an_instance_releases_its_tasks(store: DynStore) {
@@ -1195,6 +1264,7 @@ async fn ending_an_instance_releases_its_tasks(store: DynStore) {
     assert!(store.expire_owned(&owned, "hub-a").await.unwrap().is_some());
     let dead = get(&store, &keep.id).await;
     assert_eq!(dead.state, TaskState::Dead, "third of three attempts lost");
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn schedules_fire_once_per_due_time(store: DynStore) {
@@ -1358,6 +1428,7 @@ async fn schedules_fire_once_per_due_time(store: DynStore) {
         .collect();
     assert_eq!(enq.len(), 1, "one enqueue announced");
     assert_eq!(enq[0].source.token.as_deref(), Some("schedule:nightly"));
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn prune_removes_old_finished_tasks(store: DynStore) {
@@ -1395,10 +1466,12 @@ async fn prune_removes_old_finished_tasks(store: DynStore) {
         (stats[0].running, stats[0].completed, stats[0].cancelled),
         (1, 0, 0)
     );
+    assert_stats_match_tasks(&store).await;
 }
 
 async fn concurrent_claimers_never_share_a_task(store: DynStore) {
-    drain_race(vec![store], 400, 16).await;
+    drain_race(vec![store.clone()], 400, 16).await;
+    assert_stats_match_tasks(&store).await;
 }
 
 /// `claimers` workers, spread over the stores, drain `n` tasks at once with
