@@ -74,20 +74,26 @@ async fn lock(t: &Tx<'_>, id: &str) -> R<Option<(Task, Option<String>)>> {
 }
 
 fn not_found(id: &str) -> Fail {
-    Fail::Done(Error::not_found(format!("no task {id}")))
+    Fail::Done(no_task(id))
+}
+
+fn no_task(id: &str) -> Error {
+    Error::not_found(format!("no task {id}"))
 }
 
 fn stale(id: &str, state: TaskState) -> Fail {
-    Fail::Done(
-        Error::new(
-            ErrorCode::StaleClaim,
-            format!(
-                "claim on task {id} is not current (task is {})",
-                state.as_str()
-            ),
-        )
-        .with_details(json!({"task": id, "state": state})),
+    Fail::Done(stale_claim(id, state))
+}
+
+fn stale_claim(id: &str, state: TaskState) -> Error {
+    Error::new(
+        ErrorCode::StaleClaim,
+        format!(
+            "claim on task {id} is not current (task is {})",
+            state.as_str()
+        ),
     )
+    .with_details(json!({"task": id, "state": state}))
 }
 
 fn event(t: &mut Tx<'_>, topic: &'static str, source: &EventSource, tasks: &[&Task], extra: Value) {
@@ -442,17 +448,14 @@ async fn complete(
         )
         .await?
         else {
-            out.push(Err(Error::not_found(format!("no task {}", it.id))));
+            out.push(Err(no_task(&it.id)));
             continue;
         };
         let state: String = get(&held, 0)?;
         let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
         let claim: Option<String> = get(&held, 1)?;
         if state != TaskState::Running || claim.as_deref() != Some(it.claim.as_str()) {
-            match stale(&it.id, state) {
-                Fail::Done(e) => out.push(Err(e)),
-                retry => return Err(retry),
-            }
+            out.push(Err(stale_claim(&it.id, state)));
             continue;
         }
         let set = "UPDATE tasks SET state = 'completed', result = $2, lease_until = NULL, updated_at = $3, \
