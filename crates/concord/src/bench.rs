@@ -145,6 +145,14 @@ async fn store_counters(url: &str) -> Result<(u64, u64)> {
 }
 
 /// A hub started in-process on a temp dir, stopped when dropped.
+///
+/// It runs on a runtime of its own, with as many workers as `concord serve` has.
+/// A deployed hub is a process of its own, and so is every baseline's server
+/// (PostgreSQL, Redis, etcd, NATS); on the load generator's runtime the hub's
+/// connections queued behind the clients' tasks on the same two workers, which cost
+/// the queue suite 13% against a hub in its own process. Keeping it in-process
+/// (rather than spawning `concord serve`) lets the memory suites read its recall
+/// index for the exact-search baseline.
 struct Embedded {
     url: String,
     admin: String,
@@ -157,6 +165,7 @@ struct Embedded {
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     /// On PostgreSQL: the database and the schema made for this run.
     pg: Option<(String, String)>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Embedded {
@@ -182,6 +191,10 @@ impl Drop for Embedded {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+        // Dropping a runtime blocks, which an async caller may not do.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -196,47 +209,70 @@ async fn embedded(
         let n = RUNS.fetch_add(1, Ordering::Relaxed);
         (url.to_string(), format!("bench_{}_{n}", std::process::id()))
     });
-    let store: DynStore = match &pg {
-        Some((url, schema)) => Arc::new(
-            concord_store::postgres::PostgresStore::connect(url, Some(schema))
-                .await
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("concord-hub")
+        .enable_all()
+        .build()?;
+    let (path, pg_at) = (dir.path().join("concord.db"), pg.clone());
+    // Everything the hub spawns (its connections, reaper, pool tasks) must land on
+    // its own runtime, so it is started from a task there.
+    let started = runtime.spawn(async move {
+        let store: DynStore = match &pg_at {
+            Some((url, schema)) => Arc::new(
+                concord_store::postgres::PostgresStore::connect(url, Some(schema))
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?,
+            ),
+            None => Arc::new(
+                concord_store::sqlite::SqliteStore::open(
+                    &path,
+                    match durability {
+                        crate::serve::DurabilityArg::Full => {
+                            concord_store::sqlite::Durability::Full
+                        }
+                        crate::serve::DurabilityArg::Normal => {
+                            concord_store::sqlite::Durability::Normal
+                        }
+                    },
+                )
                 .map_err(|e| anyhow!("{e}"))?,
-        ),
-        None => Arc::new(
-            concord_store::sqlite::SqliteStore::open(
-                &dir.path().join("concord.db"),
-                match durability {
-                    crate::serve::DurabilityArg::Full => concord_store::sqlite::Durability::Full,
-                    crate::serve::DurabilityArg::Normal => {
-                        concord_store::sqlite::Durability::Normal
-                    }
-                },
-            )
-            .map_err(|e| anyhow!("{e}"))?,
-        ),
-    };
-    let admin = generate_secret();
-    store
-        .bootstrap_admin(&hash_secret(&admin), false)
+            ),
+        };
+        let admin = generate_secret();
+        store
+            .bootstrap_admin(&hash_secret(&admin), false)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let backend = store.backend();
+        let hub = Hub::start(
+            store,
+            HubConfig {
+                rate_limit_per_s: 0,
+                ..HubConfig::default()
+            },
+        )
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let backend = store.backend();
-    let hub = Hub::start(
-        store,
-        HubConfig {
-            rate_limit_per_s: 0,
-            ..HubConfig::default()
-        },
-    )
-    .await
-    .map_err(|e| anyhow!("{e}"))?;
-    let state = hub.state();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop, rx) = tokio::sync::oneshot::channel();
-    let served = tokio::spawn(hub.serve(listener, async move {
-        let _ = rx.await;
-    }));
+        let state = hub.state();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, rx) = tokio::sync::oneshot::channel();
+        let served = tokio::spawn(hub.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Ok::<_, anyhow::Error>((url, admin, backend, state, stop, served))
+    });
+    let started = started
+        .await
+        .unwrap_or_else(|e| Err(anyhow!("the embedded hub did not start: {e}")));
+    let (url, admin, backend, state, stop, served) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            // Dropping a runtime blocks, which an async caller may not do.
+            runtime.shutdown_background();
+            return Err(e);
+        }
+    };
     Ok(Embedded {
         url,
         admin,
@@ -246,6 +282,7 @@ async fn embedded(
         stop: Some(stop),
         served: Some(served),
         pg,
+        runtime: Some(runtime),
     })
 }
 
