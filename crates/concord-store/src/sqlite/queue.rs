@@ -169,11 +169,6 @@ fn event(
     event_of(c, now, topic, source, list, extra)
 }
 
-/// A task as events name it.
-fn task_ref(id: &str, queue: &str, state: TaskState) -> Value {
-    json!({"id": id, "queue": queue, "state": state})
-}
-
 /// Appends a `sys.task.*` event naming `list` (see `task_ref`).
 fn event_of(
     c: &Connection,
@@ -183,11 +178,7 @@ fn event_of(
     list: Vec<Value>,
     extra: Value,
 ) -> Result<i64> {
-    let mut data = json!({ "tasks": list });
-    if let (Some(d), Value::Object(m)) = (data.as_object_mut(), extra) {
-        d.extend(m);
-    }
-    append_event(c, now, topic, source, data)
+    append_event(c, now, topic, source, task_event_data(list, extra))
 }
 
 /// Sets a task to a final failure state and cancels everything that depends on it.
@@ -305,7 +296,7 @@ pub(crate) fn release_claims(c: &Connection, now: i64, instance: &str) -> Result
 pub(crate) fn enqueue(
     c: &Connection,
     now: i64,
-    tasks: &[NewTask],
+    tasks: Vec<NewTask>,
     source: &EventSource,
 ) -> Result<Vec<(Task, bool)>> {
     if let Some(id) = &source.instance {
@@ -313,8 +304,7 @@ pub(crate) fn enqueue(
             .ok_or_else(|| Error::unknown_instance(id))?
             .refuse_unless_writer()?;
     }
-    let mut out = Vec::with_capacity(tasks.len());
-    let mut created: Vec<Task> = Vec::new();
+    let mut out: Vec<(Task, bool)> = Vec::with_capacity(tasks.len());
     let mut moves = Moves::default();
     for t in tasks {
         if let Some(key) = &t.idempotency_key {
@@ -404,13 +394,12 @@ pub(crate) fn enqueue(
             // payload again): the conformance suite compares it with get_task.
             inserted(t, state, now)
         };
-        created.push(task.clone());
         out.push((task, false));
     }
     moves.write(c)?;
+    let created: Vec<&Task> = out.iter().filter(|(_, old)| !old).map(|(t, _)| t).collect();
     if !created.is_empty() {
-        let refs: Vec<&Task> = created.iter().collect();
-        event(c, now, topics::TASK_ENQUEUED, source, &refs, json!({}))?;
+        event(c, now, topics::TASK_ENQUEUED, source, &created, json!({}))?;
     }
     // Enqueued behind a dependency that had already died: cancelled at birth,
     // and said so like any other cancellation.
@@ -428,15 +417,15 @@ pub(crate) fn enqueue(
 }
 
 /// The task as `enqueue`'s INSERT stored it.
-fn inserted(t: &NewTask, state: TaskState, now: i64) -> Task {
+fn inserted(t: NewTask, state: TaskState, now: i64) -> Task {
     Task {
-        id: t.id.clone(),
-        queue: t.queue.clone(),
+        id: t.id,
+        queue: t.queue,
         state,
         priority: t.priority,
-        payload: t.payload.clone(),
-        requires: t.requires.clone(),
-        target: t.target.clone(),
+        payload: t.payload,
+        requires: t.requires,
+        target: t.target,
         attempt: 0,
         max_attempts: t.max_attempts,
         backoff_ms: t.backoff_ms,
@@ -446,14 +435,18 @@ fn inserted(t: &NewTask, state: TaskState, now: i64) -> Task {
         progress: None,
         result: None,
         error: None,
-        idempotency_key: t.idempotency_key.clone(),
+        idempotency_key: t.idempotency_key,
         not_before: t.not_before.filter(|&n| n > 0).map(Timestamp),
         created_at: Timestamp(now),
         updated_at: Timestamp(now),
         completed_at: None,
-        depends_on: t.depends_on.clone(),
+        depends_on: t.depends_on,
     }
 }
+
+/// The condition of the `tasks_claimable` partial index, which a query must
+/// repeat to use it (schema version 9 says why it is not an `IN` list).
+const CLAIMABLE: &str = "(state = 'pending' OR state = 'scheduled' OR state = 'failed')";
 
 fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>> {
     let inst = get_instance(c, &spec.instance)?
@@ -468,7 +461,7 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>>
         .collect();
     let sql = format!(
         "SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_claimable \
-         WHERE tasks.queue IN ({}) AND tasks.state IN ('pending', 'scheduled', 'failed') AND tasks.not_before <= ?1 \
+         WHERE tasks.queue IN ({}) AND {CLAIMABLE} AND tasks.not_before <= ?1 \
          AND (tasks.target IS NULL OR tasks.target = ?2) \
          AND (tasks.requires = '[]' OR NOT EXISTS (SELECT 1 FROM json_each(tasks.requires) r \
               WHERE r.value NOT IN (SELECT value FROM json_each(?3)))) \
@@ -750,10 +743,10 @@ fn stats(c: &Connection, now: i64) -> Result<Vec<QueueStats>> {
         }
     }
     let mut oldest = c
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT MIN(created_at) FROM tasks INDEXED BY tasks_claimable \
-             WHERE queue = ?1 AND state IN ('pending', 'scheduled', 'failed') AND state = 'pending'",
-        )
+                 WHERE queue = ?1 AND {CLAIMABLE} AND state = 'pending'"
+        ))
         .map_err(db_err)?;
     for q in by_queue.values_mut().filter(|q| q.pending > 0) {
         let at: Option<i64> = oldest.query_row([&q.name], |r| r.get(0)).map_err(db_err)?;
@@ -869,7 +862,7 @@ fn fire(c: &Connection, now: i64, name: &str, due: i64, next_due: i64) -> Result
         token: Some(format!("schedule:{name}")),
         ..hub()
     };
-    let mut created = enqueue(c, now, &[task], &src)?;
+    let mut created = enqueue(c, now, vec![task], &src)?;
     c.execute(
         "UPDATE schedules SET next_due = ?2, last_enqueued_at = ?3 WHERE name = ?1",
         params![name, next_due, now],
@@ -882,7 +875,7 @@ fn fire(c: &Connection, now: i64, name: &str, due: i64, next_due: i64) -> Result
 impl QueueStore for SqliteStore {
     async fn enqueue(&self, tasks: Vec<NewTask>, source: EventSource) -> Result<Vec<(Task, bool)>> {
         self.writer
-            .write(move |c, now| enqueue(c, now, &tasks, &source))
+            .write(move |c, now| enqueue(c, now, tasks, &source))
             .await
     }
 

@@ -416,6 +416,19 @@ INSERT INTO task_counts (queue, state, n) SELECT queue, state, count(*) FROM tas
 
 "#,
     ),
+    (
+        9,
+        r#"
+-- The claimable index's condition as comparisons, not `IN (...)`: SQLite builds
+-- a temporary table for an IN list of three or more constants each time a
+-- statement evaluates one, and every INSERT and UPDATE of a task evaluates the
+-- condition of every partial index on it. Queries must name the condition in
+-- the same form (`queue::CLAIMABLE`) for the planner to use the index.
+DROP INDEX tasks_claimable;
+CREATE INDEX tasks_claimable ON tasks(queue, priority DESC)
+    WHERE state = 'pending' OR state = 'scheduled' OR state = 'failed';
+"#,
+    ),
 ];
 
 /// Applies the migrations not yet recorded in `schema_migrations`.
@@ -544,6 +557,32 @@ mod tests {
         assert!(plan.contains("tasks_running_lease"), "{plan}");
         let plan = walks("SELECT id FROM tasks WHERE idempotency_key = 'k1'");
         assert!(plan.contains("tasks_idempotency"), "{plan}");
+    }
+
+    /// Writing a task evaluates the condition of every partial index on it; none
+    /// may need a temporary table per statement (see version 9).
+    #[test]
+    fn writing_a_task_builds_no_temporary_table() {
+        let conn = Connection::open_in_memory().unwrap();
+        apply_through(&conn, i64::MAX);
+        let opcodes = |sql: &str| -> Vec<String> {
+            let mut s = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+            let rows = s.query_map([], |r| r.get::<_, String>(1));
+            rows.unwrap().map(|r| r.unwrap()).collect()
+        };
+        for sql in [
+            "INSERT INTO tasks (id, queue, state, priority, requires, attempt, max_attempts, \
+             backoff_ms, not_before, deps, created_at, updated_at) \
+             VALUES ('tsk_a', 'jobs', 'pending', 0, '[]', 0, 3, 1000, 0, 0, 1, 1)",
+            "UPDATE tasks SET state = 'running', claim = 'clm_a' WHERE id = 'tsk_a'",
+            "UPDATE tasks SET state = 'completed', completed_at = 2 WHERE id = 'tsk_a'",
+        ] {
+            let ops = opcodes(sql);
+            assert!(
+                !ops.iter().any(|o| o == "OpenEphemeral"),
+                "{sql} builds a temporary table: {ops:?}"
+            );
+        }
     }
 
     fn apply_only(conn: &Connection, version: i64) {

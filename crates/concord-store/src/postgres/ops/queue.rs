@@ -99,13 +99,9 @@ fn stale_claim(id: &str, state: TaskState) -> Error {
 fn event(t: &mut Tx<'_>, topic: &'static str, source: &EventSource, tasks: &[&Task], extra: Value) {
     let list: Vec<Value> = tasks
         .iter()
-        .map(|x| json!({"id": x.id, "queue": x.queue, "state": x.state}))
+        .map(|x| task_ref(&x.id, &x.queue, x.state))
         .collect();
-    let mut data = json!({ "tasks": list });
-    if let (Some(d), Value::Object(m)) = (data.as_object_mut(), extra) {
-        d.extend(m);
-    }
-    t.event(topic, source, data);
+    t.event(topic, source, task_event_data(list, extra));
 }
 
 /// Sets a task to a final failure state and cancels everything that depends on it
@@ -473,7 +469,7 @@ async fn complete(
         if done.is_empty() {
             by = claimer;
         }
-        done.push(json!({"id": it.id, "queue": queue, "state": TaskState::Completed}));
+        done.push(task_ref(&it.id, &queue, TaskState::Completed));
         out.push(Ok(task));
     }
     if !done.is_empty() {
@@ -481,7 +477,11 @@ async fn complete(
             instance: by,
             ..hub_source()
         };
-        t.event(topics::TASK_COMPLETED, &src, json!({ "tasks": done }));
+        t.event(
+            topics::TASK_COMPLETED,
+            &src,
+            task_event_data(done, Value::Null),
+        );
     }
     Ok(out)
 }
