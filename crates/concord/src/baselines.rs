@@ -57,6 +57,7 @@ async fn pg_queue_inner(url: &str, conc: usize, secs: u64, batch: usize) -> Resu
     let payload = "x".repeat(1024);
     let pool = Arc::new(pool);
     let schema2 = schema.clone();
+    let cleanup = pool.clone();
     let report = load(conc, secs, move |_w| {
         let (pool, payload, schema) = (pool.clone(), payload.clone(), schema2.clone());
         Box::pin(async move {
@@ -99,7 +100,19 @@ async fn pg_queue_inner(url: &str, conc: usize, secs: u64, batch: usize) -> Resu
             }
         })
     })
-    .await?;
+    .await;
+    // The run's jobs (tens of MB of payloads) must not stay in the user's database.
+    let dropped = async {
+        cleanup
+            .get()
+            .await?
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await?;
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let report = report?;
+    dropped.map_err(|e| anyhow!("cannot drop the baseline's schema {schema}: {e}"))?;
     Ok(report)
 }
 

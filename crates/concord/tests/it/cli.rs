@@ -62,7 +62,9 @@ async fn cli_tokens_state_and_listings() {
 async fn bench_suites_smoke() {
     let dir = tempfile::tempdir().unwrap();
     let md = dir.path().join("b.md");
-    let out = tokio::process::Command::new(BIN)
+    let pg = std::env::var("CONCORD_TEST_DATABASE_URL").ok();
+    let mut bench = tokio::process::Command::new(BIN);
+    bench
         .args([
             "bench",
             "all",
@@ -77,9 +79,14 @@ async fn bench_suites_smoke() {
             "--markdown",
         ])
         .arg(&md)
-        .output()
-        .await
-        .unwrap();
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(url) = &pg {
+        bench.args(["--baseline-postgres", url]);
+    }
+    let child = bench.spawn().unwrap();
+    let pid = child.id().unwrap();
+    let out = child.wait_with_output().await.unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -103,4 +110,20 @@ async fn bench_suites_smoke() {
     assert!(report.contains("Budget (DESIGN §10)"));
     assert!(report.contains("## idle"), "no idle section in:\n{report}");
     assert!(md.with_extension("svg").exists());
+    // The PostgreSQL queue baseline drops the schema it filled.
+    if let Some(url) = pg.filter(|_| text.contains("postgres-skip-locked")) {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1",
+                &[&format!("bench_pgq_{pid}")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "the queue baseline left bench_pgq_{pid} behind");
+    }
 }
