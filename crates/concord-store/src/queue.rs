@@ -142,3 +142,20 @@ pub(crate) fn task_event_data(list: Vec<Value>, extra: Value) -> Value {
     }
     Value::Object(data)
 }
+
+/// The error for a task id that does not exist.
+pub(crate) fn no_task(id: &str) -> Error {
+    Error::not_found(format!("no task {id}"))
+}
+
+/// The error for a claim that is no longer the task's current one.
+pub(crate) fn stale_claim(id: &str, state: TaskState) -> Error {
+    Error::new(
+        concord_core::ErrorCode::StaleClaim,
+        format!(
+            "claim on task {id} is not current (task is {})",
+            state.as_str()
+        ),
+    )
+    .with_details(serde_json::json!({"task": id, "state": state}))
+}

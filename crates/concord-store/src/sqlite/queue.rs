@@ -11,7 +11,7 @@ use concord_core::api::{
     ClaimedTask, EventSource, InstanceState, QueueStats, Schedule, Task, TaskState,
 };
 use concord_core::task::{after_failure, after_lost_claim, retry_delay, DEFAULT_LEASE_MS};
-use concord_core::{ids, Error, ErrorCode, Result, Timestamp};
+use concord_core::{ids, Error, Result, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -65,21 +65,6 @@ pub(crate) fn load(c: &Connection, id: &str) -> Result<Option<(Task, Option<Stri
     c.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))
         .and_then(|mut s| s.query_row([id], task_from_row).optional())
         .map_err(db_err)
-}
-
-fn not_found(id: &str) -> Error {
-    Error::not_found(format!("no task {id}"))
-}
-
-fn stale(id: &str, state: TaskState) -> Error {
-    Error::new(
-        ErrorCode::StaleClaim,
-        format!(
-            "claim on task {id} is not current (task is {})",
-            state.as_str()
-        ),
-    )
-    .with_details(json!({"task": id, "state": state}))
 }
 
 fn hub() -> EventSource {
@@ -254,7 +239,7 @@ fn lose_claim(c: &Connection, now: i64, t: &Task, reason: &str) -> Result<()> {
             (topics::TASK_REQUEUED, reason.to_string())
         }
     };
-    let (after, _) = load(c, &t.id)?.ok_or_else(|| not_found(&t.id))?;
+    let (after, _) = load(c, &t.id)?.ok_or_else(|| no_task(&t.id))?;
     event(
         c,
         now,
@@ -313,7 +298,7 @@ pub(crate) fn enqueue(
                 .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
                 .map_err(db_err)?;
             if let Some(id) = existing {
-                let (task, _) = load(c, &id)?.ok_or_else(|| not_found(&id))?;
+                let (task, _) = load(c, &id)?.ok_or_else(|| no_task(&id))?;
                 out.push((task, true));
                 continue;
             }
@@ -388,7 +373,7 @@ pub(crate) fn enqueue(
                 TaskState::Cancelled,
                 &format!("cancelled: dependency {d} is {}", s.as_str()),
             )?;
-            load(c, &t.id)?.ok_or_else(|| not_found(&t.id))?.0
+            load(c, &t.id)?.ok_or_else(|| no_task(&t.id))?.0
         } else {
             // The row just written, without reading it back (and parsing its
             // payload again): the conformance suite compares it with get_task.
@@ -529,9 +514,9 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Vec<ClaimedTask>>
 
 /// The task, if `claim` is its current claim.
 fn current(c: &Connection, id: &str, claim: &str) -> Result<Task> {
-    let (task, current) = load(c, id)?.ok_or_else(|| not_found(id))?;
+    let (task, current) = load(c, id)?.ok_or_else(|| no_task(id))?;
     if task.state != TaskState::Running || current.as_deref() != Some(claim) {
-        return Err(stale(id, task.state));
+        return Err(stale_claim(id, task.state));
     }
     Ok(task)
 }
@@ -587,12 +572,12 @@ fn complete(
             })
             .map_err(db_err)?;
         let Some((queue, state, claim, claimed_by)) = held else {
-            out.push(Err(not_found(&it.id)));
+            out.push(Err(no_task(&it.id)));
             continue;
         };
         let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
         if state != TaskState::Running || claim.as_deref() != Some(it.claim.as_str()) {
-            out.push(Err(stale(&it.id, state)));
+            out.push(Err(stale_claim(&it.id, state)));
             continue;
         }
         c.prepare_cached(
@@ -609,7 +594,7 @@ fn complete(
         moves.moved(&queue, state, TaskState::Completed);
         done.push(task_ref(&it.id, &queue, TaskState::Completed));
         out.push(Ok(match read_back {
-            true => Some(load(c, &it.id)?.ok_or_else(|| not_found(&it.id))?.0),
+            true => Some(load(c, &it.id)?.ok_or_else(|| no_task(&it.id))?.0),
             false => None,
         }));
     }
@@ -636,7 +621,7 @@ fn fail(c: &Connection, now: i64, id: &str, claim: &str, error: &str, retry: boo
             .and_then(|mut s| s.execute(params![id, error, not_before, now]))
             .map_err(db_err)?;
             move_one(c, &t.queue, t.state, TaskState::Failed)?;
-            let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+            let (t, _) = load(c, id)?.ok_or_else(|| no_task(id))?;
             event(
                 c,
                 now,
@@ -649,7 +634,7 @@ fn fail(c: &Connection, now: i64, id: &str, claim: &str, error: &str, retry: boo
         }
         _ => {
             finish_unsuccessfully(c, now, id, TaskState::Dead, error)?;
-            let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+            let (t, _) = load(c, id)?.ok_or_else(|| no_task(id))?;
             event(
                 c,
                 now,
@@ -664,7 +649,7 @@ fn fail(c: &Connection, now: i64, id: &str, claim: &str, error: &str, retry: boo
 }
 
 fn cancel(c: &Connection, now: i64, id: &str, by: &str) -> Result<Task> {
-    let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+    let (t, _) = load(c, id)?.ok_or_else(|| no_task(id))?;
     if t.state.is_final() {
         return Err(
             Error::conflict(format!("task {id} is already {}", t.state.as_str()))
@@ -678,7 +663,7 @@ fn cancel(c: &Connection, now: i64, id: &str, by: &str) -> Result<Task> {
         TaskState::Cancelled,
         &format!("cancelled by {by}"),
     )?;
-    let (t, _) = load(c, id)?.ok_or_else(|| not_found(id))?;
+    let (t, _) = load(c, id)?.ok_or_else(|| no_task(id))?;
     event(
         c,
         now,

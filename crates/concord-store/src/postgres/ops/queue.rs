@@ -77,23 +77,8 @@ fn not_found(id: &str) -> Fail {
     Fail::Done(no_task(id))
 }
 
-fn no_task(id: &str) -> Error {
-    Error::not_found(format!("no task {id}"))
-}
-
 fn stale(id: &str, state: TaskState) -> Fail {
     Fail::Done(stale_claim(id, state))
-}
-
-fn stale_claim(id: &str, state: TaskState) -> Error {
-    Error::new(
-        ErrorCode::StaleClaim,
-        format!(
-            "claim on task {id} is not current (task is {})",
-            state.as_str()
-        ),
-    )
-    .with_details(json!({"task": id, "state": state}))
 }
 
 fn event(t: &mut Tx<'_>, topic: &'static str, source: &EventSource, tasks: &[&Task], extra: Value) {
