@@ -25,6 +25,9 @@ const EF_CONSTRUCTION: usize = 64;
 /// overflow (as the paper does) was most of the insertion time at 384-d.
 const SLACK: usize = M / 2;
 const MAGIC: &[u8; 8] = b"CNCHNSW1";
+/// Most nodes of one [`Hnsw::insert_batch`] chunk: they find each other by exact
+/// distance, not through the graph, which costs chunk² / 2 dot products.
+const PARALLEL_CHUNK: usize = 256;
 
 /// Dot product: AVX2 with FMA where the CPU has them, otherwise a portable loop.
 /// Distances are most of the work of both insertion and search (64% of all CPU
@@ -293,6 +296,23 @@ impl Hnsw {
         if v.len() != self.dim || self.by_key.contains_key(&key) {
             return;
         }
+        let (node, level) = self.append(key, created_at, v);
+        let Some(entry) = self.entry else {
+            self.entry = Some(node);
+            return;
+        };
+        let top = self.links[entry as usize].len() - 1;
+        for (l, w) in self.walk(node, entry, top, level).iter().enumerate().rev() {
+            self.link(node, l, w);
+        }
+        if level > top {
+            self.entry = Some(node);
+        }
+    }
+
+    /// Adds a vector (normalized here) as a node with no links yet, so that no
+    /// walk reaches it until it is linked; returns the node and its level.
+    fn append(&mut self, key: i64, created_at: i64, v: &[f32]) -> (u32, usize) {
         let mut q = v.to_vec();
         concord_core::recall::normalize(&mut q);
         let node = self.keys.len() as u32;
@@ -303,47 +323,160 @@ impl Hnsw {
         self.dead.push(false);
         self.links.push(vec![Vec::new(); level + 1]);
         self.by_key.insert(key, node);
-        let Some(entry) = self.entry else {
-            self.entry = Some(node);
-            return;
-        };
-        let top = self.links[entry as usize].len() - 1;
+        (node, level)
+    }
+
+    /// A new node's walk down from `entry` (whose level is `top`): its link
+    /// candidates, nearest first, at each level it shares with the graph
+    /// (indexed by level). Reads the graph only.
+    fn walk(&self, node: u32, entry: u32, top: usize, level: usize) -> Vec<Vec<Near>> {
+        let q = self.vec_of(node);
         let mut eps = vec![Near {
-            dist: self.dist(&q, entry),
+            dist: self.dist(q, entry),
             node: entry,
         }];
-        let mut visited = Visited::new(self.keys.len());
         for l in (level + 1..=top).rev() {
-            eps = self.search_layer(&q, &eps, 1, l, None, &mut visited);
-            visited = Visited::new(self.keys.len());
+            eps = self.search_layer(q, &eps, 1, l, None, &mut Visited::new(self.keys.len()));
         }
+        let mut found = vec![Vec::new(); level.min(top) + 1];
         for l in (0..=level.min(top)).rev() {
-            let w = self.search_layer(&q, &eps, EF_CONSTRUCTION, l, None, &mut visited);
-            visited = Visited::new(self.keys.len());
-            let max = if l == 0 { M0 } else { M };
-            let nbrs = self.select(&w, M);
-            for &n in &nbrs {
-                let list = &mut self.links[n as usize][l];
-                list.push(node);
-                if list.len() > max + SLACK {
-                    let base = self.vec_of(n).to_vec();
-                    let mut cands: Vec<Near> = self.links[n as usize][l]
-                        .iter()
-                        .map(|&x| Near {
-                            dist: 1.0 - dot(&base, self.vec_of(x)),
-                            node: x,
-                        })
-                        .collect();
-                    cands.sort();
-                    let kept = self.select(&cands, max);
-                    self.links[n as usize][l] = kept;
-                }
-            }
-            self.links[node as usize][l] = nbrs;
+            let w = self.search_layer(
+                q,
+                &eps,
+                EF_CONSTRUCTION,
+                l,
+                None,
+                &mut Visited::new(self.keys.len()),
+            );
+            found[l] = w.clone();
             eps = w;
         }
-        if level > top {
-            self.entry = Some(node);
+        found
+    }
+
+    /// Gives `node` its neighbours at level `l`, chosen from `cands` (sorted,
+    /// nearest first), and links each of them back, pruning a list that has
+    /// grown past its slack.
+    fn link(&mut self, node: u32, l: usize, cands: &[Near]) {
+        let max = if l == 0 { M0 } else { M };
+        let nbrs = self.select(cands, M);
+        for &n in &nbrs {
+            let list = &mut self.links[n as usize][l];
+            list.push(node);
+            if list.len() > max + SLACK {
+                let base = self.vec_of(n).to_vec();
+                let mut cands: Vec<Near> = self.links[n as usize][l]
+                    .iter()
+                    .map(|&x| Near {
+                        dist: 1.0 - dot(&base, self.vec_of(x)),
+                        node: x,
+                    })
+                    .collect();
+                cands.sort();
+                let kept = self.select(&cands, max);
+                self.links[n as usize][l] = kept;
+            }
+        }
+        self.links[node as usize][l] = nbrs;
+    }
+
+    /// Adds many vectors, as `insert` does, with the graph walks (most of an
+    /// insertion's work) on up to `threads` threads. Items whose dimension is
+    /// wrong or whose key is present (or repeated) are skipped.
+    ///
+    /// Why: a memory write waits for this replica's index (read-your-writes), and
+    /// one thread walking the graph bounded `concord bench ingest` while the
+    /// other core was half idle.
+    ///
+    /// How: the items go in chunks. A chunk's nodes walk the graph as it was
+    /// before the chunk, side by side and read-only; then each is linked in
+    /// order, its candidates completed with the chunk's earlier nodes at their
+    /// exact distances (the walks cannot see them). The graph depends only on the
+    /// items and the chunking, not on the threads, so the same batches give the
+    /// same graph.
+    pub fn insert_batch(&mut self, items: &[(i64, i64, &[f32])], threads: usize) {
+        let mut seen = std::collections::HashSet::new();
+        let items: Vec<(i64, i64, &[f32])> = items
+            .iter()
+            .filter(|(k, _, v)| {
+                v.len() == self.dim && !self.by_key.contains_key(k) && seen.insert(*k)
+            })
+            .copied()
+            .collect();
+        let mut rest = items.as_slice();
+        // The first node is the entry point: nothing to walk yet.
+        while self.entry.is_none() {
+            let Some(((key, created, v), tail)) = rest.split_first() else {
+                return;
+            };
+            self.insert(*key, *created, v);
+            rest = tail;
+        }
+        for chunk in rest.chunks(PARALLEL_CHUNK) {
+            self.insert_chunk(chunk, threads.max(1));
+        }
+    }
+
+    fn insert_chunk(&mut self, chunk: &[(i64, i64, &[f32])], threads: usize) {
+        let Some(entry) = self.entry else { return };
+        let top = self.links[entry as usize].len() - 1;
+        let first = self.keys.len() as u32;
+        let levels: Vec<usize> = chunk
+            .iter()
+            .map(|(key, created, v)| self.append(*key, *created, v).1)
+            .collect();
+        let me = &*self;
+        let walk = |i: usize| me.walk(first + i as u32, entry, top, levels[i]);
+        // Thread t walks items t, t + threads, …: neighbouring items cost alike.
+        let threads = threads.min(chunk.len());
+        let mut walks: Vec<Vec<Vec<Near>>> = vec![Vec::new(); chunk.len()];
+        std::thread::scope(|s| {
+            let walk = &walk;
+            let others: Vec<_> = (1..threads)
+                .map(|t| {
+                    s.spawn(move || {
+                        (t..chunk.len())
+                            .step_by(threads)
+                            .map(|i| (i, walk(i)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for i in (0..chunk.len()).step_by(threads) {
+                walks[i] = walk(i);
+            }
+            for h in others {
+                // A walk only reads the graph; should one panic anyway, its
+                // nodes are linked from the chunk's other nodes alone.
+                if let Ok(done) = h.join() {
+                    for (i, w) in done {
+                        walks[i] = w;
+                    }
+                }
+            }
+        });
+        for (i, mut found) in walks.into_iter().enumerate() {
+            let node = first + i as u32;
+            let q = self.vec_of(node).to_vec();
+            let top_now = self.entry.map_or(0, |e| self.links[e as usize].len() - 1);
+            for l in (0..=levels[i]).rev() {
+                let mut cands = found.get_mut(l).map(std::mem::take).unwrap_or_default();
+                cands.extend((0..i).filter(|&j| levels[j] >= l).map(|j| {
+                    let other = first + j as u32;
+                    Near {
+                        dist: 1.0 - dot(&q, self.vec_of(other)),
+                        node: other,
+                    }
+                }));
+                if cands.is_empty() {
+                    continue;
+                }
+                cands.sort();
+                self.link(node, l, &cands);
+            }
+            if levels[i] > top_now {
+                self.entry = Some(node);
+            }
         }
     }
 
@@ -592,6 +725,61 @@ mod tests {
         }
         let recall = hits as f64 / 500.0;
         assert!(recall > 0.9, "recall@10 {recall}");
+    }
+
+    /// Batches (several chunks, walks on several threads) find what one-by-one
+    /// insertion finds, skip what `insert` skips, and give the same graph
+    /// whatever the number of threads.
+    #[test]
+    fn batch_insertion_finds_the_neighbours_and_does_not_depend_on_threads() {
+        let dim = 32;
+        let data = rand_vecs(3000, dim, 11);
+        let build = |threads: usize| {
+            let mut h = Hnsw::new(dim);
+            // Uneven batches, as the applier sees them; the first starts the graph.
+            for (b, part) in data.chunks(700).enumerate() {
+                let mut items: Vec<(i64, i64, &[f32])> = part
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| ((b * 700 + i) as i64 + 1, 0, v.as_slice()))
+                    .collect();
+                // A repeated key, a present key and a wrong dimension: skipped.
+                items.push(items[0]);
+                items.push((1, 0, data[1].as_slice()));
+                items.push((999_999, 0, &data[2][..dim - 1]));
+                h.insert_batch(&items, threads);
+            }
+            h
+        };
+        let (one, three) = (build(1), build(3));
+        assert_eq!(one.len(), 3000);
+        assert!(!one.contains(999_999));
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        one.write_to(&mut a, 0).unwrap();
+        three.write_to(&mut b, 0).unwrap();
+        assert!(a == b, "the graph depends on the thread count");
+
+        let keys: Vec<i64> = (1..=3000).collect();
+        let queries = rand_vecs(50, dim, 5);
+        let mut hits = 0;
+        for q in &queries {
+            let exact: Vec<i64> = three.exact(q, &keys, 10).iter().map(|x| x.0).collect();
+            let got: Vec<i64> = three.search(q, 10, 64, None).iter().map(|x| x.0).collect();
+            hits += got.iter().filter(|k| exact.contains(k)).count();
+            let odd = three.search(q, 10, 64, Some(&|k| k % 2 == 1));
+            assert!(odd.iter().all(|x| x.0 % 2 == 1));
+            assert_eq!(odd.len(), 10);
+        }
+        let recall = hits as f64 / 500.0;
+        assert!(recall > 0.9, "recall@10 {recall}");
+        // Every stored vector is findable as its own nearest neighbour.
+        let found = data
+            .iter()
+            .enumerate()
+            .step_by(37)
+            .filter(|(i, v)| three.search(v, 1, 64, None)[0].0 == *i as i64 + 1)
+            .count();
+        assert_eq!(found, data.len().div_ceil(37));
     }
 
     #[test]

@@ -342,16 +342,34 @@ impl RecallIndex {
                 .vectors
                 .write()
                 .map_err(|_| Error::internal("vector index lock poisoned"))?;
+            // Runs of new vectors go in as batches (their walks in parallel);
+            // a purge ends the run, so it lands after the inserts before it.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let mut run: Vec<(i64, i64, &[f32])> = Vec::new();
+            let flush = |graphs: &mut HashMap<usize, Hnsw>, run: &mut Vec<(i64, i64, &[f32])>| {
+                // One graph per dimension: a run may mix them.
+                let mut dims: Vec<usize> = run.iter().map(|r| r.2.len()).collect();
+                dims.sort_unstable();
+                dims.dedup();
+                for dim in dims {
+                    let items: Vec<(i64, i64, &[f32])> =
+                        run.iter().filter(|r| r.2.len() == dim).copied().collect();
+                    graphs
+                        .entry(dim)
+                        .or_insert_with(|| Hnsw::new(dim))
+                        .insert_batch(&items, threads);
+                }
+                run.clear();
+            };
             for r in rows.iter().filter(|r| r.changed_seq > vm) {
                 if r.memory.purged {
+                    flush(&mut graphs, &mut run);
                     graphs.values_mut().for_each(|g| g.purge(r.memory.seq));
                 } else if let Some(v) = &r.embedding {
-                    graphs
-                        .entry(v.len())
-                        .or_insert_with(|| Hnsw::new(v.len()))
-                        .insert(r.memory.seq, r.memory.created_at.millis(), v);
+                    run.push((r.memory.seq, r.memory.created_at.millis(), v));
                 }
             }
+            flush(&mut graphs, &mut run);
             Ok(())
         };
         let text = || -> Result<()> {
@@ -544,23 +562,12 @@ impl RecallIndex {
                 }
                 Some(g) => {
                     hybrid = true;
-                    let allowed = text::matching(&self.reader, fq.as_ref())?;
+                    let allowed = text::allowed_seqs(&self.reader, fq.as_ref())?;
                     let hits = if allowed.len() < EXACT_BELOW {
-                        let keys: Vec<i64> = allowed.iter().map(|a| a.0).collect();
+                        let keys: Vec<i64> = allowed.iter().collect();
                         g.exact(q, &keys, depth)
                     } else {
-                        let mut bits = vec![0u64; 0];
-                        for (s, _) in &allowed {
-                            let i = *s as usize;
-                            if bits.len() <= i / 64 {
-                                bits.resize(i / 64 + 1, 0);
-                            }
-                            bits[i / 64] |= 1 << (i % 64);
-                        }
-                        let allow = |k: i64| {
-                            let i = k as usize;
-                            bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
-                        };
+                        let allow = |k: i64| allowed.contains(k);
                         // A selective filter needs a wider walk to fill `depth`.
                         let share = allowed.len() as f64 / g.len().max(1) as f64;
                         let ef = ((EF_SEARCH.max(depth) as f64) / share.clamp(0.05, 1.0)) as usize;
@@ -628,10 +635,10 @@ impl RecallIndex {
         let Some(g) = graphs.get(&q.len()) else {
             return Ok(Vec::new());
         };
-        let allowed: Vec<i64> = text::matching(&self.reader, filter.query(&self.fields).as_ref())?
-            .into_iter()
-            .map(|a| a.0)
-            .collect();
+        let allowed: Vec<i64> =
+            text::allowed_seqs(&self.reader, filter.query(&self.fields).as_ref())?
+                .iter()
+                .collect();
         Ok(g.exact(q, &allowed, k).into_iter().map(|h| h.0).collect())
     }
 

@@ -215,10 +215,25 @@ pub fn term(field: Field, s: &str) -> Box<dyn Query> {
     ))
 }
 
+/// Documents whose `field` holds any of `values`.
+///
+/// Why not always a `TermSetQuery`: it builds an FST of its terms for every
+/// query, and the builder's first allocation alone was 4% of the hub's CPU
+/// under `concord bench recall`, where a reader's access tokens are a handful.
+/// A few terms are a union of term queries instead; many stay a term set.
 pub fn any_of(field: Field, values: &[String]) -> Box<dyn Query> {
-    Box::new(TermSetQuery::new(
-        values.iter().map(|v| Term::from_field_text(field, v)),
-    ))
+    const UNION_UP_TO: usize = 16;
+    match values {
+        [one] => term(field, one),
+        few if few.len() <= UNION_UP_TO => Box::new(BooleanQuery::new(
+            few.iter()
+                .map(|v| (Occur::Should, term(field, v)))
+                .collect(),
+        )),
+        many => Box::new(TermSetQuery::new(
+            many.iter().map(|v| Term::from_field_text(field, v)),
+        )),
+    }
 }
 
 pub fn range(field: Field, lo: Bound<i64>, hi: Bound<i64>) -> Box<dyn Query> {
@@ -334,6 +349,133 @@ pub fn newest(
     Ok(all)
 }
 
+/// The seqs a filter admits, as a bitset over seq: the allowed set of a filtered
+/// vector search, which asks "is this node allowed?" for every node it walks.
+///
+/// Why a bitset filled straight from the `seq` column, and not a list of
+/// (seq, created_at) turned into one: a broad filter admits most of the corpus,
+/// and collecting 100,000 pairs, then the bitset from them, was more than half
+/// of a hybrid query's CPU (`concord bench recall`).
+#[derive(Default)]
+pub struct SeqSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl SeqSet {
+    fn insert(&mut self, seq: i64) {
+        let Ok(i) = usize::try_from(seq) else { return };
+        if self.words.len() <= i / 64 {
+            self.words.resize(i / 64 + 1, 0);
+        }
+        let bit = 1u64 << (i % 64);
+        if self.words[i / 64] & bit == 0 {
+            self.words[i / 64] |= bit;
+            self.len += 1;
+        }
+    }
+
+    /// How many seqs are in the set.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn contains(&self, seq: i64) -> bool {
+        usize::try_from(seq)
+            .ok()
+            .and_then(|i| self.words.get(i / 64).map(|w| w & (1 << (i % 64)) != 0))
+            .unwrap_or(false)
+    }
+
+    /// The seqs in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                (rest != 0).then(|| {
+                    let b = rest.trailing_zeros();
+                    rest &= rest - 1;
+                    (w * 64 + b as usize) as i64
+                })
+            })
+        })
+    }
+
+    fn union(mut self, other: SeqSet) -> SeqSet {
+        let (mut big, small) = if self.words.len() >= other.words.len() {
+            (std::mem::take(&mut self.words), other.words)
+        } else {
+            (other.words, std::mem::take(&mut self.words))
+        };
+        for (a, b) in big.iter_mut().zip(small) {
+            *a |= b;
+        }
+        let len = big.iter().map(|w| w.count_ones() as usize).sum();
+        SeqSet { words: big, len }
+    }
+}
+
+/// Every seq the filter admits (see [`SeqSet`]).
+pub fn allowed_seqs(reader: &IndexReader, q: &dyn Query) -> concord_core::Result<SeqSet> {
+    reader.searcher().search(q, &SeqSetCollector).map_err(terr)
+}
+
+struct SeqSetCollector;
+struct SeqSetSegment {
+    seq: tantivy::columnar::Column<i64>,
+    buf: Vec<Option<i64>>,
+    out: SeqSet,
+}
+
+impl Collector for SeqSetCollector {
+    type Fruit = SeqSet;
+    type Child = SeqSetSegment;
+    fn for_segment(&self, _: u32, seg: &SegmentReader) -> tantivy::Result<SeqSetSegment> {
+        let seq = seg.fast_fields().i64("seq")?;
+        let mut out = SeqSet::default();
+        // Sized once for the segment's largest seq, not grown word by word.
+        if let Ok(max) = usize::try_from(seq.max_value()) {
+            out.words.reserve(max / 64 + 1);
+        }
+        Ok(SeqSetSegment {
+            seq,
+            buf: Vec::new(),
+            out,
+        })
+    }
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+    fn merge_fruits(&self, fruits: Vec<SeqSet>) -> tantivy::Result<SeqSet> {
+        Ok(fruits.into_iter().fold(SeqSet::default(), SeqSet::union))
+    }
+}
+
+impl SegmentCollector for SeqSetSegment {
+    type Fruit = SeqSet;
+    fn collect(&mut self, doc: DocId, _: Score) {
+        if let Some(s) = self.seq.first(doc) {
+            self.out.insert(s);
+        }
+    }
+    /// A block of matching docs at a time: one column read per block.
+    fn collect_block(&mut self, docs: &[DocId]) {
+        self.buf.clear();
+        self.buf.resize(docs.len(), None);
+        self.seq.first_vals(docs, &mut self.buf);
+        for s in self.buf.iter().flatten() {
+            self.out.insert(*s);
+        }
+    }
+    fn harvest(self) -> SeqSet {
+        self.out
+    }
+}
+
 /// Every (seq, created_at) the filter admits: the allowed set of a vector search.
 pub fn matching(reader: &IndexReader, q: &dyn Query) -> concord_core::Result<Vec<(i64, i64)>> {
     reader.searcher().search(q, &SeqCollector).map_err(terr)
@@ -395,6 +537,86 @@ mod tests {
         let t = TextIndex::open(Some(dir.path())).unwrap();
         assert_eq!(t.watermark(), 7);
         assert_eq!(t.reader().searcher().num_docs(), 1);
+    }
+
+    /// The bitset agrees with the pairs collector, over several segments (one
+    /// per commit), with and without a filter.
+    #[test]
+    fn allowed_seqs_are_the_matching_seqs() {
+        let mut t = TextIndex::open(None).unwrap();
+        for (commit, range) in [(1, 0..300), (2, 300..700), (3, 700..1000)] {
+            for i in range {
+                let mut doc = TantivyDocument::default();
+                doc.add_text(t.fields.text, if i % 3 == 0 { "fizz" } else { "buzz" });
+                doc.add_i64(t.fields.seq, i * 7 + 1);
+                doc.add_i64(t.fields.created_at, i);
+                t.writer.add_document(doc).unwrap();
+            }
+            t.commit(commit).unwrap();
+        }
+        let reader = t.reader();
+        assert!(reader.searcher().segment_readers().len() > 1);
+        let fizz = TermQuery::new(
+            Term::from_field_text(t.fields.text, "fizz"),
+            IndexRecordOption::Basic,
+        );
+        for q in [&AllQuery as &dyn Query, &fizz] {
+            let mut pairs: Vec<i64> = matching(&reader, q).unwrap().iter().map(|p| p.0).collect();
+            pairs.sort_unstable();
+            let set = allowed_seqs(&reader, q).unwrap();
+            assert_eq!(set.iter().collect::<Vec<_>>(), pairs);
+            assert_eq!(set.len(), pairs.len());
+            assert!(pairs.iter().all(|&s| set.contains(s)));
+            assert!(!set.contains(0) && !set.contains(-1) && !set.contains(7001));
+        }
+    }
+
+    /// One value, a few and many (a term query, a union, a term set) admit the
+    /// same documents: those whose field holds any of the values.
+    #[test]
+    fn any_of_admits_documents_holding_any_value() {
+        let mut t = TextIndex::open(None).unwrap();
+        for i in 0..400i64 {
+            let mut doc = TantivyDocument::default();
+            doc.add_text(t.fields.space, format!("space-{}", i % 40));
+            doc.add_i64(t.fields.seq, i + 1);
+            t.writer.add_document(doc).unwrap();
+        }
+        t.commit(1).unwrap();
+        let reader = t.reader();
+        for n in [0usize, 1, 5, 16, 17, 40] {
+            let values: Vec<String> = (0..n).map(|k| format!("space-{k}")).collect();
+            let got: Vec<i64> = allowed_seqs(&reader, any_of(t.fields.space, &values).as_ref())
+                .unwrap()
+                .iter()
+                .collect();
+            let want: Vec<i64> = (0..400i64)
+                .filter(|i| ((i % 40) as usize) < n)
+                .map(|i| i + 1)
+                .collect();
+            assert_eq!(got, want, "{n} values");
+        }
+    }
+
+    proptest::proptest! {
+        /// A set (and a union of sets) holds exactly the seqs put in it.
+        #[test]
+        fn seq_sets_hold_what_was_inserted(
+            a in proptest::collection::vec(-5i64..5000, 0..300),
+            b in proptest::collection::vec(0i64..200, 0..300),
+        ) {
+            let (mut x, mut y) = (SeqSet::default(), SeqSet::default());
+            a.iter().for_each(|&s| x.insert(s));
+            b.iter().for_each(|&s| y.insert(s));
+            let both = x.union(y);
+            let want: std::collections::BTreeSet<i64> =
+                a.iter().chain(&b).copied().filter(|&s| s >= 0).collect();
+            proptest::prop_assert_eq!(both.iter().collect::<Vec<_>>(), want.iter().copied().collect::<Vec<_>>());
+            proptest::prop_assert_eq!(both.len(), want.len());
+            for s in -5..5100 {
+                proptest::prop_assert_eq!(both.contains(s), want.contains(&s));
+            }
+        }
     }
 
     const DOCS: &[&str] = &[
