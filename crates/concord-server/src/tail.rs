@@ -24,8 +24,14 @@ pub(crate) async fn run(state: Arc<AppState>, mut cursor: i64, mut stop: watch::
                     for e in events {
                         apply(&state, &e);
                         cursor = e.seq;
+                        let event = crate::bus::BusEvent::new(e);
+                        // Encoded here, once, while anybody follows the log, so
+                        // that no stream waits on another stream's task for it.
+                        if state.subscribers.get() > 0 {
+                            event.sse_frame();
+                        }
                         // No receivers is fine: nobody is subscribed right now.
-                        let _ = state.bus.send(Arc::new(crate::bus::BusEvent::new(e)));
+                        let _ = state.bus.send(Arc::new(event));
                     }
                     if n < BATCH {
                         break;
