@@ -22,8 +22,11 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 /// An agent that writes its environment and working directory to its home,
 /// appends a line per start, and then waits to be stopped.
-const RECORDING_AGENT: &str = r#"env | grep -E '^(CONCORD_|PORT=|MODEL=)' | sort > env.txt
-pwd > pwd.txt
+/// Records what the agent was started with. Each file appears whole (written
+/// aside, then renamed) and `starts.txt` gains its line last, so a test that
+/// has seen the line can read the others without racing the script.
+const RECORDING_AGENT: &str = r#"pwd > pwd.tmp && mv pwd.tmp pwd.txt
+env | grep -E '^(CONCORD_|PORT=|MODEL=)' | sort > env.tmp && mv env.tmp env.txt
 echo "$PORT" >> starts.txt
 exec sleep 600"#;
 
@@ -237,8 +240,10 @@ async fn a_fleet_comes_up_isolated_applies_only_the_difference_and_goes_down() {
     let mut ports = BTreeSet::new();
     let mut ids = BTreeSet::new();
     for (entity, label, home) in &homes {
-        let env = eventually(WITHIN, "the agent's env.txt", || {
-            let e = env_file(home);
+        let env = eventually(WITHIN, "the agent's first start recorded", || {
+            let e = (!lines(&home.join("starts.txt")).is_empty())
+                .then(|| env_file(home))
+                .flatten();
             async move { e }
         })
         .await;
@@ -458,7 +463,12 @@ exec sleep 600"#,
         }
     })
     .await;
-    let starts = lines(&home.join("starts.txt"));
+    // "running" means spawned; the script's own line can come a moment later.
+    let starts = eventually(WITHIN, "the second start recorded", || {
+        let starts = lines(&home.join("starts.txt"));
+        async move { (starts.len() >= 2).then_some(starts) }
+    })
+    .await;
     assert_eq!(starts.len(), 2, "{starts:?}");
     assert_eq!(starts[0], starts[1], "same port and home after the restart");
     let port = inst.meta["process"]["port"].as_u64().unwrap();
@@ -590,12 +600,17 @@ exec "$AGENT_BIN" serve --listen "127.0.0.1:$PORT" --data-dir ./hub-data --durab
     assert_ne!(back.id, first.id);
     assert_eq!(back.endpoint, first.endpoint);
     assert_eq!(back.meta["process"]["pid"], pid);
-    let leases = admin.leases(None, Some(&back.id)).await.unwrap().leases;
-    assert_eq!(
-        leases.len(),
-        1,
-        "the port is leased again by the new instance"
-    );
+    // The supervisor takes the port again right after registering (the lease
+    // needs the instance), so the instance can be seen live a moment before it.
+    let leases = eventually(WITHIN, "the port leased again by the new instance", || {
+        let (a, id) = (admin.clone(), back.id.clone());
+        async move {
+            let leases = a.leases(None, Some(&id)).await.ok()?.leases;
+            (!leases.is_empty()).then_some(leases)
+        }
+    })
+    .await;
+    assert_eq!(leases.len(), 1, "one port lease: {leases:?}");
     // The child can find its new session in its home.
     let session = read_json(&root.join("server/api/concord-session.json"));
     assert_eq!(session["instance_id"], back.id.as_str());
@@ -836,6 +851,12 @@ async fn the_agent_keeps_running_while_the_hub_is_down_and_is_present_again_afte
         }
     })
     .await;
+    let starts = root.join("steady/main/starts.txt");
+    eventually(WITHIN, "the agent's start recorded", || {
+        let n = lines(&starts).len();
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
 
     hub.kill9();
     eventually(WITHIN, "the supervisor notices the hub is gone", || {
@@ -848,7 +869,7 @@ async fn the_agent_keeps_running_while_the_hub_is_down_and_is_present_again_afte
     .await;
     assert!(alive(pid), "the child keeps running without the hub");
     assert_eq!(read_json(&state)["process"]["state"], "running");
-    assert_eq!(lines(&root.join("steady/main/starts.txt")).len(), 1);
+    assert_eq!(lines(&starts).len(), 1);
 
     hub.respawn_same_port();
     let admin = hub.admin();
@@ -865,7 +886,7 @@ async fn the_agent_keeps_running_while_the_hub_is_down_and_is_present_again_afte
     })
     .await;
     assert_eq!(back.meta["process"]["restarts"], 0);
-    assert_eq!(lines(&root.join("steady/main/starts.txt")).len(), 1);
+    assert_eq!(lines(&starts).len(), 1);
 
     let run = reaper.runs.last_mut().unwrap();
     signal(run.id() as i64, libc::SIGTERM);
