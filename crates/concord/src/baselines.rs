@@ -11,6 +11,7 @@
 
 use crate::bench::{load, new_histogram, Report};
 use anyhow::{anyhow, Context, Result};
+use hdrhistogram::Histogram;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -524,11 +525,13 @@ pub async fn http_ceiling(conc: usize, secs: u64) -> Result<Report> {
         .pool_max_idle_per_host(conc)
         .build()?;
     let body = Arc::new(format!("{{\"blob\":\"{}\"}}", "x".repeat(1000)));
+    // Parsed once, as Concord's client does with its hub URLs.
+    let url = reqwest::Url::parse(&url)?;
     let r = load(conc, secs, move |_| {
         let (http, url, body) = (http.clone(), url.clone(), body.clone());
         Box::pin(async move {
             let resp = http
-                .post(&url)
+                .post(url)
                 .body(body.to_string())
                 .header("content-type", "application/json")
                 .send()
@@ -540,6 +543,44 @@ pub async fn http_ceiling(conc: usize, secs: u64) -> Result<Report> {
     .await?;
     server.abort();
     Ok(r.named("axum-echo"))
+}
+
+// ---------- the disk ----------
+
+/// What one durable write costs this machine's disk: a 4 KiB append and
+/// `fdatasync`, one after another, on the file system the benchmarks' hubs keep
+/// their data on. Every acknowledged write of `--durability full` waits for one
+/// such flush (shared by its group commit), so this bounds the latency of a
+/// single call, and a slow day's disk shows here rather than as a mystery in
+/// the queue and events figures.
+pub async fn disk_fsync(secs: u64) -> Result<Report> {
+    let secs = secs.clamp(1, 3);
+    let hist = tokio::task::spawn_blocking(move || -> Result<Histogram<u64>> {
+        use std::io::Write;
+        let dir = tempfile::tempdir()?;
+        let mut f = std::fs::File::create(dir.path().join("fsync.probe"))?;
+        let page = [0x5au8; 4096];
+        let mut hist = new_histogram();
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            let t = Instant::now();
+            f.write_all(&page)?;
+            f.sync_data()?;
+            hist.record(t.elapsed().as_micros().max(1) as u64)?;
+        }
+        Ok(hist)
+    })
+    .await??;
+    let n = hist.len();
+    Ok(Report::from_hist(
+        "disk-fsync",
+        "4k-append-fdatasync",
+        1,
+        secs as f64,
+        &hist,
+        0,
+        n as f64 / secs as f64,
+    ))
 }
 
 // ---------- SQLite FTS5 over the same memories ----------

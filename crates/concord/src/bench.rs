@@ -339,6 +339,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             print_report(&args, &c)?;
             reports.push(c);
         }
+        if !args.no_baselines
+            && args.hub.is_none()
+            && suites
+                .iter()
+                .any(|s| matches!(s, Suite::Queue | Suite::QueueBatch | Suite::Events))
+        {
+            let d = crate::baselines::disk_fsync(args.duration).await?;
+            print_report(&args, &d)?;
+            reports.push(d);
+        }
     }
     if let Some(path) = &args.markdown {
         crate::bench_report::write(path, &reports, &args_line(&args))?;

@@ -209,6 +209,9 @@ pub fn write(path: &Path, reports: &[Report], args: &str) -> Result<()> {
                 writeln!(md, "\nOf the delivery latency, a publish took p99 {p:.3} ms to be acknowledged (committed and fsynced) before fan-out began.")?;
             }
         }
+        if suite == "disk-fsync" {
+            writeln!(md, "\nThe disk under the hubs' data: one 4 KiB append and `fdatasync`, one after another, for a few seconds. Every acknowledged write of `--durability full` waits for one such flush (a group commit shares it), so its p50 is a floor under the latency of any single durable call.")?;
+        }
         if let (Some(c), Some(ceil)) = (concord, ceiling) {
             if suite != "http-ceiling" && suite != "events" && suite != "dispatch-multi-10" {
                 let calls = if suite.starts_with("queue") { 3.0 } else { 1.0 };

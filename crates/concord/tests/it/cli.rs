@@ -103,12 +103,17 @@ async fn bench_suites_smoke() {
         "ingest",
         "recall",
         "http-ceiling",
+        "disk-fsync",
     ] {
         assert!(text.contains(suite), "no {suite} line in:\n{text}");
     }
     let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("Budget (DESIGN §10)"));
     assert!(report.contains("## idle"), "no idle section in:\n{report}");
+    assert!(
+        report.contains("## disk-fsync"),
+        "no disk section in:\n{report}"
+    );
     assert!(md.with_extension("svg").exists());
     // The PostgreSQL queue baseline drops the schema it filled.
     if let Some(url) = pg.filter(|_| text.contains("postgres-skip-locked")) {
