@@ -25,7 +25,13 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
+    /// The hub's own counters, then the counters and the gauges kept elsewhere
+    /// (the store's, the limits'), each as `(name, help, value)`.
+    pub fn render(
+        &self,
+        kept_elsewhere: &[(&str, &str, f64)],
+        gauges: &[(&str, &str, f64)],
+    ) -> String {
         let mut out = String::new();
         out.push_str("# HELP concord_http_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE concord_http_requests_total counter\n");
@@ -69,6 +75,12 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 v.load(Ordering::Relaxed)
+            );
+        }
+        for (name, help, v) in kept_elsewhere {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         }
         for (name, help, v) in gauges {

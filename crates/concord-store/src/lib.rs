@@ -15,6 +15,7 @@ mod model;
 pub mod postgres;
 pub mod queue;
 pub mod sqlite;
+mod write_stats;
 
 pub use breaker::*;
 pub use dispatch::*;
@@ -22,6 +23,7 @@ pub use lease::*;
 pub use memory::*;
 pub use model::*;
 pub use queue::*;
+pub use write_stats::WriteStats;
 
 use async_trait::async_trait;
 use concord_core::api::{
@@ -49,6 +51,9 @@ pub trait Store:
 {
     /// `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
+
+    /// Counters of this process's write transactions (see [`WriteStats`]).
+    fn write_stats(&self) -> &WriteStats;
 
     /// The store's clock in ms since the epoch (the database's for PostgreSQL).
     async fn now_ms(&self) -> Result<i64>;

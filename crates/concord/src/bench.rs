@@ -405,6 +405,17 @@ fn print_report(args: &BenchArgs, r: &Report) -> Result<()> {
                 ""
             );
         }
+        if let Some(w) = r.extra.get("store_writes").filter(|w| w.is_object()) {
+            let f = |k: &str| w.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            println!(
+                "{:<16} store writer: busy {:.0}% of the time, {:.0} commits/s, {:.1} operations and {:.3} ms per commit",
+                "",
+                100.0 * f("busy_fraction"),
+                f("commits_per_s"),
+                f("operations_per_commit"),
+                f("commit_ms")
+            );
+        }
         for k in &r.error_kinds {
             println!("{:<16} error: {k}", "");
         }
@@ -994,11 +1005,16 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes_before = store_writes(admin).await;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     crate::bench_progress::measure("queue", Duration::from_secs(args.duration.max(1))).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
+    let writes = match (writes_before, store_writes(admin).await) {
+        (Some(a), Some(b)) => b.since(&a, elapsed),
+        _ => serde_json::Value::Null,
+    };
     done.store(true, Ordering::Relaxed);
     let mut hist = new_histogram();
     let (mut tasks, mut errors) = (0, 0);
@@ -1030,7 +1046,46 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
         error_kinds: Vec::new(),
         durable_writes: None,
         token_lookups: None,
-        extra: serde_json::Value::Null,
+        extra: serde_json::json!({ "store_writes": writes }),
+    })
+}
+
+/// The hub's store counters (`/metrics`), read around a measurement to say how
+/// busy the writer was and how much each commit carried.
+struct StoreWrites {
+    commits: f64,
+    operations: f64,
+    busy_s: f64,
+    commit_s: f64,
+}
+
+impl StoreWrites {
+    /// What happened between `before` and this reading, `secs` apart.
+    fn since(&self, before: &StoreWrites, secs: f64) -> serde_json::Value {
+        let commits = (self.commits - before.commits).max(1.0);
+        serde_json::json!({
+            "busy_fraction": (self.busy_s - before.busy_s) / secs.max(1e-9),
+            "operations_per_commit": (self.operations - before.operations) / commits,
+            "commit_ms": 1000.0 * (self.commit_s - before.commit_s) / commits,
+            "commits_per_s": (self.commits - before.commits) / secs.max(1e-9),
+        })
+    }
+}
+
+/// `None` when the hub cannot be read (a `--hub` behind a proxy without
+/// `/metrics`, an older hub): the report then goes without these figures.
+async fn store_writes(admin: &Client) -> Option<StoreWrites> {
+    let url = format!("{}/metrics", admin.urls().first()?);
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+    };
+    Some(StoreWrites {
+        commits: value("concord_store_commits_total")?,
+        operations: value("concord_store_committed_operations_total")?,
+        busy_s: value("concord_store_busy_seconds_total")?,
+        commit_s: value("concord_store_commit_seconds_total")?,
     })
 }
 

@@ -85,6 +85,9 @@ struct Agg {
     peak_rss_mib: Option<f64>,
     first_answer_ms: Option<f64>,
     rss_range: Option<(f64, f64)>,
+    /// Queue suites: the store writer's busy fraction, commits/s, operations
+    /// per commit and COMMIT ms per commit, from the hub's `/metrics`.
+    store_writes: Option<Vec<f64>>,
 }
 
 /// The median of an `extra` figure over runs, if the runs reported it.
@@ -131,6 +134,15 @@ pub fn write(path: &Path, reports: &[Report], args: &str) -> Result<()> {
                 rss_mib: extra_median(&rs, &["rss_mib"]),
                 peak_rss_mib: extra_median(&rs, &["peak_rss_mib"]),
                 first_answer_ms: extra_median(&rs, &["first_answer_ms"]),
+                store_writes: [
+                    "busy_fraction",
+                    "commits_per_s",
+                    "operations_per_commit",
+                    "commit_ms",
+                ]
+                .iter()
+                .map(|k| extra_median(&rs, &["store_writes", k]))
+                .collect::<Option<Vec<f64>>>(),
                 rss_range: {
                     let v: Vec<f64> = rs
                         .iter()
@@ -204,6 +216,9 @@ pub fn write(path: &Path, reports: &[Report], args: &str) -> Result<()> {
         if let Some(a) = agg.get(&(suite.clone(), "concord".into())) {
             if let (Some(h), Some(r)) = (a.hybrid_p99, a.recall_at_10) {
                 writeln!(md, "\nConcord's row is full-text recall. Hybrid (full-text + 384-d vectors): p99 {h:.3} ms; the vector index's recall@10 against exact search: {r:.3}.")?;
+            }
+            if let Some(w) = &a.store_writes {
+                writeln!(md, "\nThe store's writer (medians over runs, from the hub's `/metrics`): busy {:.0}% of the time, {:.0} commits/s, {:.1} operations and {:.3} ms of COMMIT per commit.", 100.0 * w[0], w[1], w[2], w[3])?;
             }
             if let Some(p) = a.publish_p99 {
                 writeln!(md, "\nOf the delivery latency, a publish took p99 {p:.3} ms to be acknowledged (committed and fsynced) before fan-out began.")?;

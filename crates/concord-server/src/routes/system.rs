@@ -99,9 +99,34 @@ pub(crate) async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse
             *s.store.watch_events().borrow() as f64,
         ),
     ];
+    let w = s.store.write_stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let counters = [
+        (
+            "concord_store_commits_total",
+            "Write transactions this hub committed.",
+            load(&w.commits) as f64,
+        ),
+        (
+            "concord_store_committed_operations_total",
+            "Operations those transactions carried (SQLite: a group commit carries many).",
+            load(&w.operations) as f64,
+        ),
+        (
+            "concord_store_busy_seconds_total",
+            "Time in write transactions, BEGIN to the end of COMMIT. On SQLite its rate is the \
+             writer thread's utilization: near 1, writes queue for it.",
+            load(&w.busy_us) as f64 / 1e6,
+        ),
+        (
+            "concord_store_commit_seconds_total",
+            "Of that, time in COMMIT (the fsync with --durability full).",
+            load(&w.commit_us) as f64 / 1e6,
+        ),
+    ];
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&gauges),
+        s.metrics.render(&counters, &gauges),
     )
 }
 

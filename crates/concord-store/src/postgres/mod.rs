@@ -162,6 +162,8 @@ pub(crate) struct Inner {
     events: Arc<watch::Sender<i64>>,
     /// Newest seq this process committed and has not yet announced by NOTIFY.
     to_notify: watch::Sender<i64>,
+    /// Commits, operations and time, for `/metrics`.
+    stats: crate::WriteStats,
 }
 
 impl Inner {
@@ -202,15 +204,18 @@ impl Inner {
         loop {
             attempt += 1;
             let mut client = self.client().await?;
-            let outcome: std::result::Result<(T, Option<i64>), Fail> = async {
+            let began = std::time::Instant::now();
+            let outcome: std::result::Result<(T, Option<i64>, Duration), Fail> = async {
                 let mut tx = Tx::begin(&mut client).await?;
                 let out = op(&mut tx).await?;
+                let committing = std::time::Instant::now();
                 let last = tx.commit().await?;
-                Ok((out, last))
+                Ok((out, last, committing.elapsed()))
             }
             .await;
             match outcome {
-                Ok((out, last)) => {
+                Ok((out, last, commit)) => {
+                    self.stats.committed(1, began.elapsed(), commit);
                     if let Some(seq) = last {
                         self.committed(seq);
                     }
@@ -309,11 +314,17 @@ async fn heartbeat_batcher(inner: Arc<Inner>, mut jobs: mpsc::Receiver<BeatJob>)
             let mut attempt = 0;
             let written = loop {
                 attempt += 1;
+                let began = std::time::Instant::now();
                 let outcome = timed(async {
                     let c = inner.client().await?;
                     Ok(ops::heartbeat_batch(&c, &ids, &owners).await)
                 })
                 .await;
+                if let Ok(Ok(_)) = &outcome {
+                    // One statement, its own transaction: all of it is the commit.
+                    let took = began.elapsed();
+                    inner.stats.committed(ids.len(), took, took);
+                }
                 match outcome {
                     Ok(Err(Fail::Retry(msg))) if attempt < MAX_ATTEMPTS => {
                         tracing::debug!(attempt, "heartbeat batch raced another, retrying: {msg}");
@@ -435,6 +446,7 @@ impl PostgresStore {
             pool,
             events: events_tx,
             to_notify,
+            stats: crate::WriteStats::default(),
         });
         let (beats, beat_jobs) = mpsc::channel(HEARTBEAT_BATCH * HEARTBEAT_BATCHES_IN_FLIGHT * 4);
         tokio::spawn(heartbeat_batcher(inner.clone(), beat_jobs));
@@ -598,6 +610,10 @@ impl Drop for AbortOnDrop {
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn write_stats(&self) -> &crate::WriteStats {
+        &self.inner.stats
     }
 
     async fn now_ms(&self) -> Result<i64> {

@@ -129,6 +129,7 @@ impl ReadPool {
 /// The SQLite store. Cheap to clone handles are not needed: the hub holds it in an `Arc`.
 pub struct SqliteStore {
     writer: Writer,
+    stats: Arc<crate::WriteStats>,
     recent: Arc<recent::RecentEvents>,
     memory_moved: tokio::sync::watch::Receiver<i64>,
     events: tokio::sync::watch::Receiver<i64>,
@@ -178,6 +179,7 @@ impl SqliteStore {
             }
         };
         let (memory_tx, memory_moved) = tokio::sync::watch::channel(0);
+        let stats = Arc::new(crate::WriteStats::default());
         let writer = Writer::start(
             conn,
             writer::Watches {
@@ -185,10 +187,12 @@ impl SqliteStore {
                 memory: memory_tx,
                 recent: recent.clone(),
                 checkpoint,
+                stats: stats.clone(),
             },
         )?;
         Ok(SqliteStore {
             writer,
+            stats,
             recent,
             memory_moved,
             events,
@@ -205,6 +209,10 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn write_stats(&self) -> &crate::WriteStats {
+        &self.stats
     }
 
     async fn now_ms(&self) -> Result<i64> {

@@ -16,6 +16,7 @@ use concord_core::{Error, Result};
 use rusqlite::Connection;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Sends the job's outcome once the commit's outcome is known.
@@ -68,6 +69,8 @@ pub(crate) struct Watches {
     pub(crate) recent: Arc<RecentEvents>,
     /// The checkpointer, when it runs (else SQLite checkpoints in COMMIT).
     pub(crate) checkpoint: Option<super::checkpoint::Nudge>,
+    /// Commits, operations and time, for `/metrics`.
+    pub(crate) stats: Arc<crate::WriteStats>,
 }
 
 /// Most jobs one transaction takes; bounds the latency a large batch adds.
@@ -132,6 +135,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
                 Err(_) => break,
             }
         }
+        let began = Instant::now();
         if let Err(e) = exec(&conn, "BEGIN IMMEDIATE") {
             for job in batch.drain(..) {
                 job.abort(e.clone());
@@ -139,6 +143,8 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
             continue;
         }
         let mut finishers: Vec<Finish> = Vec::with_capacity(batch.len());
+        // Jobs that succeeded (a failed one is rolled back to its savepoint).
+        let mut carried = 0;
         for job in batch.drain(..) {
             let now = concord_core::Timestamp::now().millis();
             if let Err(e) = exec(&conn, "SAVEPOINT job") {
@@ -149,6 +155,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
             match catch_unwind(AssertUnwindSafe(|| job.run(&conn, now))) {
                 Ok((ok, finish)) => {
                     let done = if ok {
+                        carried += 1;
                         exec(&conn, "RELEASE job")
                     } else {
                         journal::roll_back_to(mark);
@@ -168,7 +175,13 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
                 }
             }
         }
+        let committing = Instant::now();
         let commit = exec(&conn, "COMMIT");
+        if commit.is_ok() {
+            watches
+                .stats
+                .committed(carried, began.elapsed(), committing.elapsed());
+        }
         let appended = journal::take();
         let memory_moved = journal::take_memory_moved();
         let pruned = journal::take_pruned();

@@ -6,10 +6,51 @@ use concord_store::DynStore;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 conformance!(
+    write_stats_count_commits_operations_and_time,
     read_events_in_seq_order_with_limit,
     watch_events_advances_after_a_write,
     now_ms_is_the_store_clock
 );
+
+/// The counters behind `/metrics`' store figures move with each write, and a
+/// write that fails carries no operation.
+async fn write_stats_count_commits_operations_and_time(store: DynStore) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let read = |s: &DynStore| {
+        let w = s.write_stats();
+        (
+            w.commits.load(Relaxed),
+            w.operations.load(Relaxed),
+            w.busy_us.load(Relaxed),
+            w.commit_us.load(Relaxed),
+        )
+    };
+    let before = read(&store);
+    for i in 0..5 {
+        register(
+            &store,
+            "counted",
+            Role::Secondary,
+            Some(&format!("pane {i}")),
+        )
+        .await;
+    }
+    let after = read(&store);
+    // One after another: each its own transaction, on either backend.
+    assert_eq!(after.0 - before.0, 5, "commits");
+    assert_eq!(after.1 - before.1, 5, "operations");
+    assert!(after.2 > before.2, "time in transactions");
+    assert!(after.3 > before.3, "time in commits");
+    assert!(
+        after.3 - before.3 <= after.2 - before.2,
+        "commit time is part of the transaction's"
+    );
+
+    // A write the store refuses: closing an instance that does not exist.
+    assert!(store.close_instance("ins_missing", &admin()).await.is_err());
+    let refused = read(&store);
+    assert_eq!(refused.1, after.1, "a refused write carries no operation");
+}
 
 async fn read_events_in_seq_order_with_limit(store: DynStore) {
     let start = store.last_event_seq().await.unwrap();

@@ -164,6 +164,19 @@ async fn health_metrics_and_openapi() {
         ),
         "{m}"
     );
+    // The hub wrote (its admin token, at least): the store's counters say so.
+    let counter = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{m}"))
+    };
+    assert!(counter("concord_store_commits_total") >= 1.0);
+    assert!(counter("concord_store_committed_operations_total") >= 1.0);
+    assert!(counter("concord_store_busy_seconds_total") > 0.0);
+    assert!(
+        counter("concord_store_commit_seconds_total")
+            <= counter("concord_store_busy_seconds_total")
+    );
     let doc: Value = http
         .get(format!("{}/openapi.json", hub.url))
         .send()
