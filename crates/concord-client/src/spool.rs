@@ -145,6 +145,21 @@ fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs the spool's file work (writes, fsyncs, renames) from async code. On a
+/// multi-threaded runtime the worker first hands its other tasks to another
+/// thread (`block_in_place`), so a slow disk does not stall them: in `concord
+/// run` the instance's heartbeats share that runtime, and a degraded-mode write
+/// waits for an fsync. A current-thread runtime has no other worker to take
+/// them, so there the work runs in place, as before.
+fn off_the_workers<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
     f.write_all(line.as_bytes())?;
@@ -379,7 +394,7 @@ impl Spool {
             let step = match sent {
                 Ok(_) => {
                     report.delivered += 1;
-                    self.finish_front(st)
+                    off_the_workers(|| self.finish_front(st))
                 }
                 Err(e) => match record::verdict(&e, client.instance()) {
                     Verdict::Retry => {
@@ -388,7 +403,7 @@ impl Spool {
                     }
                     Verdict::Reject => {
                         report.rejected += 1;
-                        self.reject_front(st, &e)
+                        off_the_workers(|| self.reject_front(st, &e))
                     }
                 },
             };
@@ -397,7 +412,7 @@ impl Spool {
                 return report;
             }
         }
-        if let Err(e) = self.compact(st) {
+        if let Err(e) = off_the_workers(|| self.compact(st)) {
             report.stopped = Some(e);
         }
         report
@@ -446,7 +461,7 @@ impl Spool {
     /// gets: `unavailable`, with `details.spooled` true (or false and why not).
     fn spooled(&self, st: &mut State, kind: SpoolKind, body: Value, cause: &Error) -> Error {
         let keys = record::keys(kind, &body);
-        match self.append(st, kind, body) {
+        match off_the_workers(|| self.append(st, kind, body)) {
             Ok(rec) => Error::unavailable(format!(
                 "hub unreachable; spooled, will be delivered when it returns ({} waiting in {}; cause: {})",
                 st.pending.len(),
@@ -476,6 +491,24 @@ mod tests {
 
     fn body(i: u64) -> Value {
         json!({"topic": "t.x", "data": {"i": i}, "idempotency_key": format!("k{i}")})
+    }
+
+    /// On a multi-threaded runtime the file work leaves the worker
+    /// (`block_in_place`); the record is on disk all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spooling_on_a_multi_threaded_runtime_writes_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let sp = Spool::open(dir.path(), "e", "l").unwrap();
+        let cause = Error::unavailable("hub unreachable: test");
+        let e = {
+            let mut st = sp.state.lock().await;
+            sp.spooled(&mut st, SpoolKind::Event, body(1), &cause)
+        };
+        assert!(crate::spooled(&e), "{e:?}");
+        assert_eq!(sp.pending(), 1);
+        drop(sp);
+        let again = Spool::open(dir.path(), "e", "l").unwrap();
+        assert_eq!(again.pending(), 1, "the record survives a reopen");
     }
 
     #[tokio::test]
