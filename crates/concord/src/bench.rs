@@ -130,17 +130,24 @@ pub struct Report {
     pub extra: serde_json::Value,
 }
 
+/// The hub's `/metrics` text.
+async fn hub_metrics(url: &str) -> Result<String> {
+    Ok(reqwest::get(format!("{url}/metrics")).await?.text().await?)
+}
+
+/// The value of the unlabelled metric `name` in `/metrics` text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// The hub's counters that tell how many heartbeats reached the store.
 async fn store_counters(url: &str) -> Result<(u64, u64)> {
-    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
-    let counter = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let text = hub_metrics(url).await?;
+    let counter = |name: &str| metric(&text, name).unwrap_or(0.0) as u64;
     Ok((
-        counter("concord_heartbeats_durable_total "),
-        counter("concord_token_lookups_total "),
+        counter("concord_heartbeats_durable_total"),
+        counter("concord_token_lookups_total"),
     ))
 }
 
@@ -1075,17 +1082,12 @@ impl StoreWrites {
 /// `None` when the hub cannot be read (a `--hub` behind a proxy without
 /// `/metrics`, an older hub): the report then goes without these figures.
 async fn store_writes(admin: &Client) -> Option<StoreWrites> {
-    let url = format!("{}/metrics", admin.urls().first()?);
-    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-    };
+    let text = hub_metrics(admin.urls().first()?).await.ok()?;
     Some(StoreWrites {
-        commits: value("concord_store_commits_total")?,
-        operations: value("concord_store_committed_operations_total")?,
-        busy_s: value("concord_store_busy_seconds_total")?,
-        commit_s: value("concord_store_commit_seconds_total")?,
+        commits: metric(&text, "concord_store_commits_total")?,
+        operations: metric(&text, "concord_store_committed_operations_total")?,
+        busy_s: metric(&text, "concord_store_busy_seconds_total")?,
+        commit_s: metric(&text, "concord_store_commit_seconds_total")?,
     })
 }
 
