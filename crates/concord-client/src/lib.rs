@@ -298,6 +298,8 @@ impl Client {
             Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
         );
         let mut tried = Vec::new();
+        // The URL as errors name it, built only for an error.
+        let shown = |idx: usize| format!("{}{path}", self.urls[idx]);
         for k in 0..n {
             let idx = (start + k) % n;
             let url = match self.url(idx, path) {
@@ -320,14 +322,13 @@ impl Client {
                     return decode(resp).await;
                 }
                 Err(e) if e.is_connect() || idempotent => {
-                    let url = format!("{}{path}", self.urls[idx]);
-                    tried.push(format!("{url}: {}", error_chain(&e)));
+                    tried.push(format!("{}: {}", shown(idx), error_chain(&e)));
                     continue;
                 }
                 Err(e) => {
-                    let url = format!("{}{path}", self.urls[idx]);
                     return Err(Error::unavailable(format!(
-                    "hub unreachable: {url}: {} (the request may or may not have been carried out)",
+                    "hub unreachable: {}: {} (the request may or may not have been carried out)",
+                    shown(idx),
                     error_chain(&e)
                 )));
                 }
