@@ -5,8 +5,8 @@
 //!
 //! The memory log: every change to a memory (creation, new version, close, purge,
 //! embedding filled in) takes the next position from one counter, in the same
-//! transaction as the change (PostgreSQL: a counter row, which orders commits like
-//! the event log's; SQLite: its single writer). A memory's `seq` is the position of
+//! transaction as the change (PostgreSQL: a counter row locked until COMMIT, which
+//! makes memory writers commit in position order; SQLite: its single writer). A memory's `seq` is the position of
 //! its creation, `closed_seq` of its close, `changed_seq` of its latest change.
 //! Readers that follow the log (the recall index, other replicas) ask for rows
 //! with `changed_seq > watermark`, and a fork's view is "seq <= fork point and

@@ -42,8 +42,6 @@ macro_rules! instance_cols {
 /// Number of columns of `instance_cols!()`.
 const INSTANCE_NCOLS: usize = 17;
 
-pub(crate) const LAST_SEQ_SQL: &str = "SELECT seq FROM event_counter WHERE id = 1";
-
 // ---------- failures and retries ----------
 
 /// How an operation failed: with a domain answer or a database error that ends
@@ -97,25 +95,59 @@ pub(crate) type TxFuture<'a, T> = Pin<Box<dyn Future<Output = R<T>> + Send + 'a>
 /// One write transaction: the database's clock read at its start, and the events
 /// it appends.
 ///
-/// Events are buffered and written by [`Tx::flush`] at the end, just before
-/// COMMIT, because taking a seq locks the single `event_counter` row until
-/// COMMIT: taken last, that lock is held for one round trip instead of the whole
-/// transaction (appenders serialize on it, so this bounds the hub's write rate),
-/// and it is always the last lock taken, so it cannot close a deadlock cycle.
+/// Events are buffered and written at the end, in the statement sent together
+/// with COMMIT, with seqs from the `event_seq` sequence. Taken that late, a seq
+/// that is still invisible (its transaction not yet committed) stays invisible
+/// for about one round trip, which keeps the delivery horizon (`horizon.rs`)
+/// close behind the commits; and no lock is taken, so appending transactions
+/// commit in parallel, each riding PostgreSQL's group commit.
+///
+/// BEGIN and COMMIT are sent by hand, each pipelined with the statement next to
+/// it (BEGIN with the clock read, COMMIT with the events), which saves two of
+/// the five to seven round trips of a typical write. The price is that nothing
+/// rolls back a `Tx` that is dropped open: its runner must end it with
+/// [`Tx::commit`] or [`Tx::rollback`], and discard the connection if it cannot
+/// (`Inner::write_here`).
 pub(crate) struct Tx<'c> {
-    pub(crate) c: deadpool_postgres::Transaction<'c>,
+    pub(crate) c: &'c deadpool_postgres::Client,
     pub(crate) now: i64,
     pending: Vec<(std::borrow::Cow<'static, str>, String, String)>,
     /// Seqs assigned to the events flushed so far, in append order.
     seqs: Vec<i64>,
 }
 
+/// Inserts the pending events with their seqs and answers the seqs in append
+/// order. The horizon's argument needs every transaction that holds a seq to have
+/// had its xid before it took the seq; a transaction whose only write is this
+/// INSERT would get its xid in the middle of it, after `nextval`. So `x` forces
+/// it first: every row of `u` is a join with `x`'s one row, so
+/// `pg_current_xact_id()` has run before the first `nextval` is evaluated. `u` is
+/// materialized once (it is read twice and calls a volatile function); the
+/// function scan yields its rows in array order, so seqs rise with `ord`.
+const FLUSH_SQL: &str = "WITH x AS MATERIALIZED (SELECT pg_current_xact_id() AS xid), \
+     u AS MATERIALIZED (\
+       SELECT nextval('event_seq') AS seq, t.ord, t.topic, t.source, t.data \
+       FROM x CROSS JOIN unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(topic, source, data, ord)), \
+     ins AS (\
+       INSERT INTO events (seq, topic, time, source, data) \
+       SELECT seq, topic, $4, source::json, data::json FROM u) \
+     SELECT seq FROM u ORDER BY ord";
+
 impl<'c> Tx<'c> {
-    pub(crate) async fn begin(client: &'c mut deadpool_postgres::Client) -> R<Tx<'c>> {
-        let c = client.transaction().await?;
-        let now = now_ms(&c).await?;
+    /// Sends BEGIN and reads the database clock in one round trip.
+    pub(crate) async fn begin(client: &'c deadpool_postgres::Client) -> R<Tx<'c>> {
+        let clock = client
+            .prepare_cached(concat!("SELECT ", now_expr!()))
+            .await?;
+        // `join` polls in order and each call sends its request when first
+        // polled: BEGIN reaches the server first.
+        let (began, now) =
+            futures::future::join(client.batch_execute("BEGIN"), client.query_one(&clock, &[]))
+                .await;
+        began?;
+        let now = get(&now?, 0)?;
         Ok(Tx {
-            c,
+            c: client,
             now,
             pending: Vec::new(),
             seqs: Vec::new(),
@@ -138,33 +170,42 @@ impl<'c> Tx<'c> {
         idx
     }
 
-    /// Writes the queued events with consecutive seqs taken from the counter row.
+    /// Writes the queued events now, mid-transaction: for an operation that must
+    /// answer an event's seq ([`Tx::seq_of`]).
     async fn flush(&mut self) -> R<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let n = self.pending.len() as i64;
-        let last: i64 = get(
-            &row_one(
-                &self.c,
-                "UPDATE event_counter SET seq = seq + $1 WHERE id = 1 RETURNING seq",
-                &[&n],
-            )
-            .await?,
-            0,
-        )?;
-        let seqs: Vec<i64> = (last - n + 1..=last).collect();
-        let topics: Vec<&str> = self.pending.iter().map(|e| e.0.as_ref()).collect();
-        let sources: Vec<&str> = self.pending.iter().map(|e| e.1.as_str()).collect();
-        let datas: Vec<&str> = self.pending.iter().map(|e| e.2.as_str()).collect();
-        exec(
-            &self.c,
-            "INSERT INTO events (seq, topic, time, source, data) \
-             SELECT u.seq, u.topic, $5, u.source::json, u.data::json \
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS u(seq, topic, source, data)",
-            &[&seqs, &topics, &sources, &datas, &self.now],
+        let st = self.c.prepare_cached(FLUSH_SQL).await?;
+        let (topics, sources, datas) = self.columns();
+        let inserted = self
+            .c
+            .query(&st, &[&topics, &sources, &datas, &self.now])
+            .await;
+        self.took(inserted?)
+    }
+
+    /// The pending events as the three text arrays of [`FLUSH_SQL`].
+    fn columns(&self) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+        (
+            self.pending.iter().map(|e| e.0.as_ref()).collect(),
+            self.pending.iter().map(|e| e.1.as_str()).collect(),
+            self.pending.iter().map(|e| e.2.as_str()).collect(),
         )
-        .await?;
+    }
+
+    /// Records the seqs [`FLUSH_SQL`] answered for the pending events.
+    fn took(&mut self, rows: Vec<Row>) -> R<()> {
+        let seqs = rows
+            .iter()
+            .map(|r| get::<i64>(r, 0))
+            .collect::<R<Vec<i64>>>()?;
+        if seqs.len() != self.pending.len() || seqs.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Fail::Done(Error::internal(format!(
+                "postgres: {} events took seqs {seqs:?}, not one rising seq each",
+                self.pending.len()
+            ))));
+        }
         self.pending.clear();
         self.seqs.extend(seqs);
         Ok(())
@@ -179,12 +220,36 @@ impl<'c> Tx<'c> {
         })
     }
 
-    /// Flushes the events and commits; returns the last seq appended, if any.
+    /// Writes the pending events and commits, in one round trip; returns the last
+    /// seq appended, if any. Should the INSERT fail, PostgreSQL ends the
+    /// transaction at the COMMIT behind it with a rollback, and the INSERT's
+    /// error is the answer.
     pub(crate) async fn commit(mut self) -> R<Option<i64>> {
-        self.flush().await?;
-        let last = self.seqs.last().copied();
-        self.c.commit().await?;
-        Ok(last)
+        if self.pending.is_empty() {
+            self.c.batch_execute("COMMIT").await?;
+        } else {
+            // Prepared first, so that the INSERT's Bind/Execute, not a Parse
+            // that must be answered before it is sent, goes out ahead of COMMIT.
+            let st = self.c.prepare_cached(FLUSH_SQL).await?;
+            let (inserted, committed) = {
+                let (topics, sources, datas) = self.columns();
+                futures::future::join(
+                    self.c.query(&st, &[&topics, &sources, &datas, &self.now]),
+                    self.c.batch_execute("COMMIT"),
+                )
+                .await
+            };
+            let rows = inserted?;
+            committed?;
+            self.took(rows)?;
+        }
+        Ok(self.seqs.last().copied())
+    }
+
+    /// Ends the transaction without writing anything.
+    pub(crate) async fn rollback(self) -> R<()> {
+        self.c.batch_execute("ROLLBACK").await?;
+        Ok(())
     }
 }
 
@@ -292,7 +357,7 @@ pub(crate) async fn get_instance<C: GenericClient>(c: &C, id: &str) -> R<Option<
 /// The instance with its row locked (the caller holds its entity's lock already).
 async fn lock_instance(t: &Tx<'_>, id: &str) -> R<Option<Instance>> {
     row_opt(
-        &t.c,
+        t.c,
         concat!(
             "SELECT ",
             instance_cols!(),
@@ -310,7 +375,7 @@ async fn lock_instance(t: &Tx<'_>, id: &str) -> R<Option<Instance>> {
 /// (plain updates of non-key columns) and other claims by it go on in parallel.
 async fn share_instance(t: &Tx<'_>, id: &str) -> R<Option<Instance>> {
     row_opt(
-        &t.c,
+        t.c,
         concat!(
             "SELECT ",
             instance_cols!(),
@@ -332,7 +397,7 @@ async fn require_instance<C: GenericClient>(c: &C, id: &str) -> R<Instance> {
 /// The entity an instance belongs to (it never changes, so no lock is needed to
 /// learn which entity row to lock).
 async fn entity_of(t: &Tx<'_>, id: &str) -> R<Option<String>> {
-    row_opt(&t.c, "SELECT entity FROM instances WHERE id = $1", &[&id])
+    row_opt(t.c, "SELECT entity FROM instances WHERE id = $1", &[&id])
         .await?
         .map(|r| get(&r, 0))
         .transpose()
@@ -358,7 +423,7 @@ async fn entity_row<C: GenericClient>(c: &C, entity: &str) -> R<Option<(u64, Opt
 /// state is taken under this lock, so replicas take them one at a time.
 async fn lock_entity(t: &Tx<'_>, entity: &str) -> R<Option<(u64, Option<String>)>> {
     row_opt(
-        &t.c,
+        t.c,
         "SELECT epoch, primary_instance FROM entities WHERE name = $1 FOR UPDATE",
         &[&entity],
     )
@@ -369,7 +434,7 @@ async fn lock_entity(t: &Tx<'_>, entity: &str) -> R<Option<(u64, Option<String>)
 
 async fn ensure_entity(t: &Tx<'_>, entity: &str) -> R<()> {
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO entities (name, epoch, primary_instance, created_at) VALUES ($1, 0, NULL, $2) ON CONFLICT (name) DO NOTHING",
         &[&entity, &t.now],
     )
@@ -386,15 +451,15 @@ async fn end_instance(
     reason: &str,
 ) -> R<Instance> {
     exec(
-        &t.c,
+        t.c,
         "UPDATE instances SET state = $2, ended_at = $3 WHERE id = $1 AND state = 'live'",
         &[&inst.id, &state.as_str(), &t.now],
     )
     .await?;
-    if let Some((epoch, Some(primary))) = entity_row(&t.c, &inst.entity).await? {
+    if let Some((epoch, Some(primary))) = entity_row(t.c, &inst.entity).await? {
         if primary == inst.id {
             exec(
-                &t.c,
+                t.c,
                 "UPDATE entities SET primary_instance = NULL WHERE name = $1",
                 &[&inst.entity],
             )
@@ -431,7 +496,7 @@ fn is_live(inst: &Instance, now: i64) -> bool {
 /// extend leases without the entity lock, so an unlocked read could judge a lease
 /// lapsed from a version that a heartbeat committing at that moment replaces.
 async fn live_primary(t: &mut Tx<'_>, entity: &str) -> R<(u64, Option<Instance>)> {
-    let Some((epoch, primary)) = entity_row(&t.c, entity).await? else {
+    let Some((epoch, primary)) = entity_row(t.c, entity).await? else {
         return Ok((0, None));
     };
     let Some(pid) = primary else {
@@ -444,7 +509,7 @@ async fn live_primary(t: &mut Tx<'_>, entity: &str) -> R<(u64, Option<Instance>)
                 end_instance(t, &p, InstanceState::Expired, "lease lapsed").await?;
             } else {
                 exec(
-                    &t.c,
+                    t.c,
                     "UPDATE entities SET primary_instance = NULL WHERE name = $1",
                     &[&entity],
                 )
@@ -464,16 +529,16 @@ async fn grant_primary(
     topic: &'static str,
     from: Option<&str>,
 ) -> R<PrimaryGrant> {
-    let (epoch, _) = entity_row(&t.c, entity).await?.unwrap_or((0, None));
+    let (epoch, _) = entity_row(t.c, entity).await?.unwrap_or((0, None));
     let epoch = epoch + 1;
     exec(
-        &t.c,
+        t.c,
         "UPDATE entities SET epoch = $2, primary_instance = $3 WHERE name = $1",
         &[&entity, &(epoch as i64), &inst.id],
     )
     .await?;
     exec(
-        &t.c,
+        t.c,
         "UPDATE instances SET role = 'primary' WHERE id = $1",
         &[&inst.id],
     )
@@ -517,7 +582,7 @@ pub(crate) async fn bootstrap_admin(t: &mut Tx<'_>, hash: &str, only_if_none: bo
         .await?;
     let exists: bool = get(
         &row_one(
-            &t.c,
+            t.c,
             "SELECT EXISTS(SELECT 1 FROM tokens WHERE secret_hash = $1 AND revoked_at IS NULL)",
             &[&hash],
         )
@@ -530,7 +595,7 @@ pub(crate) async fn bootstrap_admin(t: &mut Tx<'_>, hash: &str, only_if_none: bo
     if only_if_none {
         let any: bool = get(
             &row_one(
-                &t.c,
+                t.c,
                 "SELECT EXISTS(SELECT 1 FROM tokens WHERE kind = 'admin' AND revoked_at IS NULL)",
                 &[],
             )
@@ -558,7 +623,7 @@ pub(crate) async fn bootstrap_admin(t: &mut Tx<'_>, hash: &str, only_if_none: bo
 
 async fn insert_token(t: &Tx<'_>, n: &NewToken) -> R<()> {
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO tokens (id, kind, entity, name, instance, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         &[&n.id, &n.kind.as_str(), &n.entity, &n.name, &n.instance, &n.secret_hash, &t.now],
     )
@@ -598,7 +663,7 @@ pub(crate) async fn list_tokens<C: GenericClient>(c: &C) -> R<Vec<TokenInfo>> {
 
 pub(crate) async fn revoke_token(t: &mut Tx<'_>, id: &str) -> R<bool> {
     let n = exec(
-        &t.c,
+        t.c,
         "UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
         &[&id, &t.now],
     )
@@ -642,7 +707,7 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
         lock_entity(t, &req.entity).await?;
         let live: i64 = get(
             &row_one(
-                &t.c,
+                t.c,
                 "SELECT count(*) FROM instances WHERE entity = $1 AND state = 'live'",
                 &[&req.entity],
             )
@@ -661,7 +726,7 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
         }
     }
     if let Some(parent) = &req.forked_from {
-        let Some(p) = get_instance(&t.c, parent).await? else {
+        let Some(p) = get_instance(t.c, parent).await? else {
             return Err(Error::bad_field("forked_from", format!("no instance {parent}")).into());
         };
         if p.entity != req.entity {
@@ -676,7 +741,7 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
     // counter's lock: positions commit in order, so every memory at or below it
     // is committed and every later one is after the fork.
     let fork_point: Option<i64> = if req.role == Role::Fork {
-        Some(memory::last_memory_seq(&t.c).await?)
+        Some(memory::last_memory_seq(t.c).await?)
     } else {
         None
     };
@@ -686,7 +751,7 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
         req.role
     };
     exec(
-        &t.c,
+        t.c,
         concat!(
             "INSERT INTO instances (",
             instance_cols!(),
@@ -724,7 +789,7 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
         },
     )
     .await?;
-    let mut inst = require_instance(&t.c, &n.id).await?;
+    let mut inst = require_instance(t.c, &n.id).await?;
     t.event(
         topics::INSTANCE_REGISTERED,
         &EventSource { instance: Some(n.id.clone()), entity: Some(req.entity.clone()), token: Some(n.registered_by.clone()) },
@@ -748,7 +813,7 @@ pub(crate) async fn register_instance(t: &mut Tx<'_>, n: &NewInstance) -> R<Regi
         inst.role = Role::Primary;
         fence = Some(g.fence);
     }
-    let (epoch, _) = entity_row(&t.c, &req.entity).await?.unwrap_or((0, None));
+    let (epoch, _) = entity_row(t.c, &req.entity).await?.unwrap_or((0, None));
     Ok(Registration {
         instance: inst,
         epoch,
@@ -851,14 +916,14 @@ pub(crate) async fn heartbeat(
     // Live after all (a heartbeat that raced the fast path's check).
     let lease_until = presence::write_ahead(now, inst.ttl_ms);
     exec(
-        &t.c,
+        t.c,
         "UPDATE instances SET last_seen_at = $2, lease_until = $3, lease_owner = $4 WHERE id = $1",
         &[&id, &now, &lease_until, &owner],
     )
     .await?;
     inst.last_seen_at = Timestamp(now);
     inst.lease_until = Timestamp(lease_until);
-    let (epoch, primary) = entity_row(&t.c, &inst.entity).await?.unwrap_or((0, None));
+    let (epoch, primary) = entity_row(t.c, &inst.entity).await?.unwrap_or((0, None));
     let fence = (primary.as_deref() == Some(id)).then_some(epoch);
     Ok(Ok(DurableHeartbeat {
         instance: inst,
@@ -875,7 +940,7 @@ pub(crate) async fn expire_owned(t: &mut Tx<'_>, id: &str, owner: &str) -> R<Opt
     };
     lock_entity(t, &entity).await?;
     let Some(r) = row_opt(
-        &t.c,
+        t.c,
         concat!(
             "SELECT ",
             instance_cols!(),
@@ -910,7 +975,7 @@ pub(crate) async fn expire_due(t: &mut Tx<'_>, limit: usize) -> R<Vec<Instance>>
     let now = t.now;
     let lim = limit_param(limit);
     let entities: Vec<String> = rows(
-        &t.c,
+        t.c,
         "SELECT DISTINCT entity FROM (SELECT entity FROM instances WHERE state = 'live' AND lease_until < $1 \
          ORDER BY lease_until LIMIT $2) due",
         &[&now, &lim],
@@ -923,13 +988,13 @@ pub(crate) async fn expire_due(t: &mut Tx<'_>, limit: usize) -> R<Vec<Instance>>
         return Ok(Vec::new());
     }
     rows(
-        &t.c,
+        t.c,
         "SELECT name FROM entities WHERE name = ANY($1) ORDER BY name FOR UPDATE",
         &[&entities],
     )
     .await?;
     let due: Vec<Instance> = rows(
-        &t.c,
+        t.c,
         concat!(
             "SELECT ",
             instance_cols!(),
@@ -951,7 +1016,7 @@ pub(crate) async fn expire_due(t: &mut Tx<'_>, limit: usize) -> R<Vec<Instance>>
 
 /// Locks the entity, then the instance.
 pub(crate) async fn close_instance(t: &mut Tx<'_>, id: &str, actor: &Principal) -> R<Instance> {
-    let found = require_instance(&t.c, id).await?;
+    let found = require_instance(t.c, id).await?;
     lock_entity(t, &found.entity).await?;
     let inst = lock_instance(t, id).await?.unwrap_or(found);
     if inst.state != InstanceState::Live {
@@ -983,14 +1048,14 @@ pub(crate) async fn update_instance(
     let endpoint = p.endpoint.clone().or(inst.endpoint.clone());
     let meta = p.meta.clone().unwrap_or(inst.meta.clone());
     exec(
-        &t.c,
+        t.c,
         "UPDATE instances SET label = $2, capabilities = $3, endpoint = $4, meta = $5 WHERE id = $1",
         &[&id, &label, &Json(&caps), &endpoint, &meta],
     )
     .await?;
     if p.label.is_some() {
         exec(
-            &t.c,
+            t.c,
             "DELETE FROM ghosts WHERE instance = $1 AND reason = 'unlabeled'",
             &[&id],
         )
@@ -1001,7 +1066,7 @@ pub(crate) async fn update_instance(
         &hub_source(),
         json!({"instance": id, "entity": inst.entity, "label": label, "capabilities": caps, "endpoint": endpoint}),
     );
-    require_instance(&t.c, id).await
+    require_instance(t.c, id).await
 }
 
 pub(crate) async fn list_instances<C: GenericClient>(
@@ -1033,7 +1098,7 @@ pub(crate) async fn record_ghost(t: &mut Tx<'_>, g: &NewGhost) -> R<()> {
         g.instance.as_deref().or(g.entity.as_deref()).unwrap_or("?")
     );
     let prev: Option<i64> = row_opt(
-        &t.c,
+        t.c,
         "SELECT seen_at FROM ghosts WHERE key = $1 FOR UPDATE",
         &[&key],
     )
@@ -1041,7 +1106,7 @@ pub(crate) async fn record_ghost(t: &mut Tx<'_>, g: &NewGhost) -> R<()> {
     .map(|r| get(&r, 0))
     .transpose()?;
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO ghosts (key, instance, entity, reason, host, first_seen, seen_at, count) VALUES ($1, $2, $3, $4, $5, $6, $6, 1) \
          ON CONFLICT (key) DO UPDATE SET seen_at = excluded.seen_at, count = ghosts.count + 1, host = COALESCE(excluded.host, ghosts.host)",
         &[&key, &g.instance, &g.entity, &g.reason, &g.host, &t.now],
@@ -1140,7 +1205,7 @@ pub(crate) async fn entity_epoch<C: GenericClient>(
 }
 
 async fn live_member(t: &Tx<'_>, entity: &str, id: &str, field: &str) -> R<Instance> {
-    let inst = get_instance(&t.c, id)
+    let inst = get_instance(t.c, id)
         .await?
         .ok_or_else(|| Fail::Done(Error::unknown_instance(id)))?;
     if inst.entity != entity {
@@ -1193,13 +1258,13 @@ pub(crate) async fn resign(t: &mut Tx<'_>, entity: &str, id: Option<&str>) -> R<
         }
     }
     exec(
-        &t.c,
+        t.c,
         "UPDATE entities SET primary_instance = NULL WHERE name = $1",
         &[&entity],
     )
     .await?;
     exec(
-        &t.c,
+        t.c,
         "UPDATE instances SET role = 'secondary' WHERE id = $1",
         &[&h.id],
     )
@@ -1243,7 +1308,7 @@ pub(crate) async fn transfer(
     }
     if let Some(h) = &holder {
         exec(
-            &t.c,
+            t.c,
             "UPDATE instances SET role = 'secondary' WHERE id = $1",
             &[&h.id],
         )
@@ -1360,7 +1425,7 @@ async fn check_state_write(
             fence,
         )?;
     }
-    let current = get_state(&t.c, entity, key).await?;
+    let current = get_state(t.c, entity, key).await?;
     if let Some(want) = if_revision {
         let have = current.as_ref().map(|s| s.revision).unwrap_or(0);
         if have != want {
@@ -1387,7 +1452,7 @@ pub(crate) async fn put_state(t: &mut Tx<'_>, w: &StateWrite) -> R<StateEntry> {
     t.flush().await?;
     let revision = t.seq_of(idx)?;
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO entity_state (entity, key, value, revision, updated_by, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (entity, key) DO UPDATE SET value = excluded.value, revision = excluded.revision, \
          updated_by = excluded.updated_by, updated_at = excluded.updated_at",
@@ -1410,7 +1475,7 @@ pub(crate) async fn delete_state(t: &mut Tx<'_>, w: &StateDelete) -> R<bool> {
         return Ok(false);
     }
     exec(
-        &t.c,
+        t.c,
         "DELETE FROM entity_state WHERE entity = $1 AND key = $2",
         &[&w.entity, &w.key],
     )
@@ -1428,12 +1493,13 @@ pub(crate) async fn delete_state(t: &mut Tx<'_>, w: &StateDelete) -> R<bool> {
 pub(crate) async fn read_events<C: GenericClient>(
     c: &C,
     after: i64,
+    upto: i64,
     limit: usize,
 ) -> R<Vec<Event>> {
     rows(
         c,
-        "SELECT seq, topic, time, source, data FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
-        &[&after, &limit_param(limit)],
+        "SELECT seq, topic, time, source, data FROM events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        &[&after, &upto, &limit_param(limit)],
     )
     .await?
     .iter()
@@ -1449,15 +1515,10 @@ pub(crate) async fn read_events<C: GenericClient>(
     .collect()
 }
 
-/// The counter, not `MAX(seq)`: the same number while the log is whole, and still
-/// right once retention has deleted old events.
-pub(crate) async fn last_event_seq<C: GenericClient>(c: &C) -> R<i64> {
-    get(&row_one(c, LAST_SEQ_SQL, &[]).await?, 0)
-}
-
 mod breaker;
 mod dispatch;
 mod events;
+pub(crate) use events::event_floor;
 mod lease;
 mod memory;
 mod queue;

@@ -354,6 +354,20 @@ CREATE TABLE request_keys (
 CREATE INDEX request_keys_created ON request_keys(created_at);
 "#,
     ),
+    (
+        8,
+        r#"
+-- Event seqs come from a sequence, taken just before COMMIT without a lock, so
+-- that appending transactions commit in parallel; readers are served up to the
+-- delivery horizon, below which every seq is final (postgres/horizon.rs). The
+-- counter row made every appender wait for the one before it to commit.
+-- Replicas of an older version must be stopped before this one starts: they
+-- would still take seqs from the dropped counter.
+CREATE SEQUENCE event_seq AS BIGINT;
+SELECT setval('event_seq', GREATEST(seq, 1), seq > 0) FROM event_counter;
+DROP TABLE event_counter;
+"#,
+    ),
 ];
 
 /// Creates the schema if asked, applies the migrations not yet recorded in

@@ -13,6 +13,7 @@ mod harness;
 mod coordination;
 mod dispatch;
 mod events;
+mod horizon;
 mod idempotency;
 mod instances;
 mod memory;

@@ -129,12 +129,15 @@ async fn replicas_starting_together_migrate_once() {
     let (applied, distinct): (i64, i64) = (row.get(0), row.get(1));
     assert!(applied >= 1);
     assert_eq!(applied, distinct, "each version applied once");
-    let counters: i64 = admin
-        .query_one(&format!("SELECT count(*) FROM {schema}.event_counter"), &[])
+    let sequences: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_sequences WHERE schemaname = $1 AND sequencename = 'event_seq'",
+            &[&schema],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(counters, 1);
+    assert_eq!(sequences, 1);
     // And a later start finds everything in place.
     let again = PostgresStore::connect_with(&url, Some(&schema), 2)
         .await
@@ -350,5 +353,142 @@ async fn claims_racing_the_claimers_end_across_two_replicas() {
     };
     crate::queue::end_race(vec![a.clone(), b.clone()]).await;
     crate::queue::dependency_race(vec![a, b]).await;
+    drop_schema(&url, &schema).await;
+}
+
+/// A token write whose event is the test's marker.
+fn reader_token(name: &str) -> NewToken {
+    let id = concord_core::ids::new_id(concord_core::ids::TOKEN);
+    NewToken {
+        secret_hash: format!("hash:{id}"),
+        id,
+        kind: TokenKind::Reader,
+        entity: None,
+        name: Some(name.into()),
+        instance: None,
+    }
+}
+
+/// Waits until the events table holds a row above `seq` (read directly, past
+/// any horizon): the spawned write has committed.
+async fn committed_above(admin: &tokio_postgres::Client, schema: &str, seq: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = admin
+            .query_one(
+                &format!("SELECT count(*) FROM {schema}.events WHERE seq > $1"),
+                &[&seq],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the write never committed");
+        tokio::task::yield_now().await;
+    }
+}
+
+fn seqs(events: &[concord_core::api::Event]) -> Vec<i64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+/// The delivery horizon (`postgres/horizon.rs`) against a transaction that takes
+/// a seq and stays open, as a slow appender on a third replica would: the writes
+/// committed after it are held back on both replicas (their writers wait, no
+/// reader sees past the open seq), and once it commits everything is delivered in
+/// order. Then the same with a transaction that rolls back: its seq is passed
+/// over, and nothing waits for it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_appender_holds_delivery_back_and_a_rolled_back_one_is_passed() {
+    let Some((url, schema, a, b)) =
+        replicas("pg_only::an_open_appender_holds_delivery_back_and_a_rolled_back_one_is_passed")
+            .await
+    else {
+        return;
+    };
+    a.create_token(reader_token("before")).await.unwrap();
+    let mut raw = pg_admin(&url).await;
+
+    // A transaction takes a seq the way the store does (xid first) and stays open.
+    let slow = raw.transaction().await.unwrap();
+    slow.query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap();
+    let held: i64 = slow
+        .query_one(&format!("SELECT nextval('{schema}.event_seq')"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let write = {
+        let a = a.clone();
+        tokio::spawn(async move { a.create_token(reader_token("after the open one")).await })
+    };
+    let admin = pg_admin(&url).await;
+    committed_above(&admin, &schema, held).await;
+    for (name, store) in [("a", &a), ("b", &b)] {
+        assert!(
+            store.read_events(held - 1, 10).await.unwrap().is_empty(),
+            "replica {name} read past seq {held}, which an open transaction holds"
+        );
+        assert!(
+            store.last_event_seq().await.unwrap() < held,
+            "replica {name}"
+        );
+    }
+    assert!(
+        !write.is_finished(),
+        "the write returned before its event could be read"
+    );
+    slow.execute(
+        &format!(
+            "INSERT INTO {schema}.events (seq, topic, time, source, data) \
+             VALUES ($1, 'test.slow', 0, '{{}}', '{{}}')"
+        ),
+        &[&held],
+    )
+    .await
+    .unwrap();
+    slow.commit().await.unwrap();
+    write.await.unwrap().unwrap();
+    for (name, store) in [("a", &a), ("b", &b)] {
+        let events = store.read_events(held - 1, 10).await.unwrap();
+        assert_eq!(seqs(&events), vec![held, held + 1], "replica {name}");
+        assert_eq!(events[0].topic, "test.slow");
+        assert_eq!(store.last_event_seq().await.unwrap(), held + 1);
+    }
+
+    // A transaction takes a seq and rolls back: the seq is never delivered, and
+    // the writes after it go through once it has ended.
+    let doomed = raw.transaction().await.unwrap();
+    doomed
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap();
+    let lost: i64 = doomed
+        .query_one(&format!("SELECT nextval('{schema}.event_seq')"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let write = {
+        let b = b.clone();
+        tokio::spawn(async move { b.create_token(reader_token("after the lost one")).await })
+    };
+    committed_above(&admin, &schema, lost).await;
+    assert!(a.read_events(lost - 1, 10).await.unwrap().is_empty());
+    doomed.rollback().await.unwrap();
+    write.await.unwrap().unwrap();
+    for (name, store) in [("a", &a), ("b", &b)] {
+        let mut events = store.read_events(lost - 1, 10).await.unwrap();
+        if events.is_empty() {
+            // Replica a learns of b's commit by NOTIFY; a fresh round may still
+            // be waiting out the rolled-back transaction's gap.
+            watch_reaches(store, lost + 1, 10).await;
+            events = store.read_events(lost - 1, 10).await.unwrap();
+        }
+        assert_eq!(seqs(&events), vec![lost + 1], "replica {name}");
+    }
+    drop(raw);
     drop_schema(&url, &schema).await;
 }

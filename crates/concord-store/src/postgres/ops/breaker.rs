@@ -35,13 +35,13 @@ fn breaker_from_row(r: &Row) -> R<Breaker> {
 /// The breaker row, locked; created (closed) if the subject is new.
 async fn lock(t: &Tx<'_>, subject: &str) -> R<Breaker> {
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO breakers (subject, state, opened_by, since, updated_at) VALUES ($1, 'closed', 'null', 0, $2) ON CONFLICT DO NOTHING",
         &[&subject, &t.now],
     )
     .await?;
     let r = row_one(
-        &t.c,
+        t.c,
         &format!("SELECT {COLS} FROM breakers WHERE subject = $1 FOR UPDATE"),
         &[&subject],
     )
@@ -52,7 +52,7 @@ async fn lock(t: &Tx<'_>, subject: &str) -> R<Breaker> {
 async fn save(t: &Tx<'_>, subject: &str, b: &Breaker) -> R<()> {
     let (pid, pexp) = probe_cols(b);
     exec(
-        &t.c,
+        t.c,
         "UPDATE breakers SET state = $2, opened_at = $3, retry_at = $4, opened_by = $5, probe_id = $6, probe_expires_at = $7, since = $8, updated_at = $9 WHERE subject = $1",
         &[&subject, &b.state.as_str(), &b.opened_at, &b.retry_at, &Json(&b.opened_by), &pid, &pexp, &b.since, &t.now],
     )
@@ -97,18 +97,18 @@ async fn observe_one(t: &mut Tx<'_>, o: &NewObservation, policies: &Policies) ->
     let mut b = lock(t, &o.subject).await?;
     let s = &o.sample;
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO observations (subject, outcome, latency_ms, instance, entity, host, detail, probe_id, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         &[&o.subject, &s.outcome.as_str(), &s.latency_ms, &s.instance, &s.entity, &s.host, &s.detail, &s.probe_id, &t.now],
     )
     .await?;
     exec(
-        &t.c,
+        t.c,
         "DELETE FROM observations WHERE subject = $1 AND recorded_at <= $2",
         &[&o.subject, &(t.now - policy.window_ms)],
     )
     .await?;
-    let window = samples(&t.c, &o.subject, t.now - policy.window_ms).await?;
+    let window = samples(t.c, &o.subject, t.now - policy.window_ms).await?;
     let mut sample = s.clone();
     sample.at = t.now;
     let changes = b.observe(policy, &window, &sample, t.now);
@@ -244,7 +244,7 @@ impl BreakerStore for PostgresStore {
             .write(move |t| {
                 Box::pin(async move {
                     let due = rows(
-                        &t.c,
+                        t.c,
                         "SELECT subject FROM breakers WHERE state = 'open' AND retry_at <= $1 ORDER BY subject LIMIT 256",
                         &[&t.now],
                     )

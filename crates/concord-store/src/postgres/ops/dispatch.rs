@@ -21,7 +21,7 @@ async fn add_peers(
     let created = enqueue(t, &tasks, source).await?;
     for ((instance, _), (task, _)) in peers.iter().zip(created) {
         exec(
-            &t.c,
+            t.c,
             "INSERT INTO dispatch_peers (dispatch, instance, task, added_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
             &[&id, instance, &task.id, &t.now],
         )
@@ -32,7 +32,7 @@ async fn add_peers(
 
 async fn create(t: &mut Tx<'_>, d: &NewDispatch) -> R<()> {
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO dispatches (id, command, spec, state, outcome, created_at, deadline) VALUES ($1, $2, $3, 'running', '{}', $4, $5)",
         &[&d.id, &d.command, &Json(&d.spec), &t.now, &d.deadline_ms],
     )
@@ -114,7 +114,7 @@ async fn finish(
     cancel: &[String],
 ) -> R<bool> {
     let n = exec(
-        &t.c,
+        t.c,
         "UPDATE dispatches SET state = $2, result = $3, outcome = $4, finished_at = $5 WHERE id = $1 AND state = 'running'",
         &[&id, &state, &result.as_ref().map(Json), &Json(outcome), &t.now],
     )
@@ -124,7 +124,7 @@ async fn finish(
     }
     for task_id in cancel {
         let locked = row_opt(
-            &t.c,
+            t.c,
             "SELECT state, queue FROM tasks WHERE id = $1 FOR UPDATE",
             &[task_id],
         )

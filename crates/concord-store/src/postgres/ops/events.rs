@@ -12,7 +12,7 @@ use concord_core::Result;
 
 const FLOOR_KEY: &str = "events_floor";
 
-async fn event_floor<C: GenericClient>(c: &C) -> R<i64> {
+pub(crate) async fn event_floor<C: GenericClient>(c: &C) -> R<i64> {
     Ok(row_opt(
         c,
         "SELECT value FROM log_meta WHERE key = $1",
@@ -25,27 +25,33 @@ async fn event_floor<C: GenericClient>(c: &C) -> R<i64> {
 }
 
 /// Locks the `events_floor` row so two replicas pruning at once do not interleave.
-async fn prune(t: &mut Tx<'_>, max_age_ms: i64, max_count: i64, inbox_retention_ms: i64) -> R<u64> {
+/// `head` is the horizon: nothing above it is ever pruned.
+async fn prune(
+    t: &mut Tx<'_>,
+    head: i64,
+    max_age_ms: i64,
+    max_count: i64,
+    inbox_retention_ms: i64,
+) -> R<u64> {
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO log_meta (key, value) VALUES ($1, 0) ON CONFLICT (key) DO NOTHING",
         &[&FLOOR_KEY],
     )
     .await?;
     let floor: i64 = get(
         &row_one(
-            &t.c,
+            t.c,
             "SELECT value FROM log_meta WHERE key = $1 FOR UPDATE",
             &[&FLOOR_KEY],
         )
         .await?,
         0,
     )?;
-    let head = last_event_seq(&t.c).await?;
     let age_cut = t.now - max_age_ms;
     let by_age: i64 = get(
         &row_one(
-            &t.c,
+            t.c,
             "SELECT COALESCE(MAX(seq), 0)::bigint FROM events WHERE time < $1",
             &[&age_cut],
         )
@@ -57,29 +63,29 @@ async fn prune(t: &mut Tx<'_>, max_age_ms: i64, max_count: i64, inbox_retention_
     let cut = by_age.max((head - max_count).max(0)).min(head - 1);
     let mut removed = 0u64;
     if cut > floor {
-        removed += exec(&t.c, "DELETE FROM events WHERE seq <= $1", &[&cut]).await?;
+        removed += exec(t.c, "DELETE FROM events WHERE seq <= $1", &[&cut]).await?;
         exec(
-            &t.c,
+            t.c,
             "UPDATE log_meta SET value = $2 WHERE key = $1",
             &[&FLOOR_KEY, &cut],
         )
         .await?;
     }
     removed += exec(
-        &t.c,
+        t.c,
         "DELETE FROM request_keys WHERE created_at < $1",
         &[&age_cut],
     )
     .await?;
     let ended_before = t.now - inbox_retention_ms;
     removed += exec(
-        &t.c,
+        t.c,
         "DELETE FROM inbox WHERE instance IN (SELECT id FROM instances WHERE state <> 'live' AND ended_at < $1)",
         &[&ended_before],
     )
     .await?;
     exec(
-        &t.c,
+        t.c,
         "DELETE FROM messages m WHERE NOT EXISTS (SELECT 1 FROM inbox b WHERE b.message_id = m.id)",
         &[],
     )
@@ -88,7 +94,7 @@ async fn prune(t: &mut Tx<'_>, max_age_ms: i64, max_count: i64, inbox_retention_
 }
 
 async fn live_ids(t: &Tx<'_>, sql: &str, arg: &str) -> R<Vec<String>> {
-    rows(&t.c, sql, &[&arg, &t.now])
+    rows(t.c, sql, &[&arg, &t.now])
         .await?
         .iter()
         .map(|r| get::<String>(r, 0))
@@ -97,7 +103,7 @@ async fn live_ids(t: &Tx<'_>, sql: &str, arg: &str) -> R<Vec<String>> {
 
 async fn recipients(t: &Tx<'_>, to: &Address) -> R<Vec<String>> {
     match to {
-        Address::Instance(id) => Ok(get_instance(&t.c, id)
+        Address::Instance(id) => Ok(get_instance(t.c, id)
             .await?
             .filter(|i| i.state == InstanceState::Live && i.lease_until.millis() >= t.now)
             .map(|i| vec![i.id])
@@ -141,7 +147,7 @@ async fn send(t: &mut Tx<'_>, m: &NewMessage) -> R<SentMessage> {
     }
     let thread = m.thread_id.clone().unwrap_or_else(|| m.id.clone());
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO messages (id, thread_id, from_instance, from_entity, to_addr, subject, body, ack_required, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         &[&m.id, &thread, &m.from.instance, &m.from.entity, &m.to_text, &m.subject, &Json(&m.body), &m.ack_required, &t.now],
@@ -155,7 +161,7 @@ async fn send(t: &mut Tx<'_>, m: &NewMessage) -> R<SentMessage> {
     t.flush().await?;
     let seq = t.seq_of(idx)?;
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO inbox (instance, message_id, cursor) SELECT r, $2, $3 FROM unnest($1::text[]) AS r",
         &[&to, &m.id, &seq],
     )
@@ -203,7 +209,7 @@ async fn read_inbox<C: GenericClient>(
 
 async fn ack(t: &mut Tx<'_>, instance: &str, message: &str) -> R<bool> {
     let n = exec(
-        &t.c,
+        t.c,
         "UPDATE inbox SET acked_at = $3 WHERE instance = $1 AND message_id = $2 AND acked_at IS NULL",
         &[&instance, &message, &t.now],
     )
@@ -222,7 +228,7 @@ async fn ack(t: &mut Tx<'_>, instance: &str, message: &str) -> R<bool> {
     }
     let present: bool = get(
         &row_one(
-            &t.c,
+            t.c,
             "SELECT EXISTS(SELECT 1 FROM inbox WHERE instance = $1 AND message_id = $2)",
             &[&instance, &message],
         )
@@ -244,7 +250,7 @@ async fn publish(t: &mut Tx<'_>, topic: &str, source: &EventSource, data: &Value
 /// racing writers exactly one takes it.
 pub(super) async fn take_key(t: &Tx<'_>, kind: KeyKind, scope: &str, key: &str) -> R<bool> {
     Ok(exec(
-        &t.c,
+        t.c,
         "INSERT INTO request_keys (kind, scope, key, result, created_at) VALUES ($1, $2, $3, NULL, $4) \
          ON CONFLICT (kind, scope, key) DO NOTHING",
         &[&kind.as_str(), &scope, &key, &t.now],
@@ -264,7 +270,7 @@ async fn publish_once(
     if !take_key(t, KeyKind::Event, scope, key).await? {
         let prior: Option<i64> = get(
             &row_one(
-                &t.c,
+                t.c,
                 "SELECT result FROM request_keys WHERE kind = $1 AND scope = $2 AND key = $3",
                 &[&KeyKind::Event.as_str(), &scope, &key],
             )
@@ -274,9 +280,9 @@ async fn publish_once(
         return Ok((prior.unwrap_or_default(), true));
     }
     let seq = publish(t, topic, source, data).await?;
-    // The key's row is already ours: this takes no new lock after the event counter's.
+    // The key's row is already ours: this takes no new lock.
     exec(
-        &t.c,
+        t.c,
         "UPDATE request_keys SET result = $4 WHERE kind = $1 AND scope = $2 AND key = $3",
         &[&KeyKind::Event.as_str(), &scope, &key, &seq],
     )
@@ -323,9 +329,12 @@ impl EventStore for PostgresStore {
     }
 
     async fn prune(&self, max_age_ms: i64, max_count: i64, inbox_retention_ms: i64) -> Result<u64> {
+        let head = crate::Store::last_event_seq(self).await?;
         self.inner
             .write(move |t| {
-                Box::pin(async move { prune(t, max_age_ms, max_count, inbox_retention_ms).await })
+                Box::pin(
+                    async move { prune(t, head, max_age_ms, max_count, inbox_retention_ms).await },
+                )
             })
             .await
     }

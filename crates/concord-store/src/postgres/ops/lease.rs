@@ -46,7 +46,7 @@ async fn live<C: GenericClient>(c: &C, now: i64) -> R<Vec<Lease>> {
 /// The live lease, its row locked.
 async fn lock_held(t: &Tx<'_>, id: &str) -> R<Lease> {
     query(
-        &t.c,
+        t.c,
         &format!("SELECT {COLS} FROM leases l WHERE l.id = $1 AND l.state = 'held' AND l.expires_at > $2 FOR UPDATE"),
         &[&id, &t.now],
     )
@@ -57,7 +57,7 @@ async fn lock_held(t: &Tx<'_>, id: &str) -> R<Lease> {
 
 async fn end(t: &Tx<'_>, id: &str, state: &str) -> R<()> {
     exec(
-        &t.c,
+        t.c,
         "UPDATE leases SET state = $2, ended_at = $3 WHERE id = $1",
         &[&id, &state, &t.now],
     )
@@ -67,7 +67,7 @@ async fn end(t: &Tx<'_>, id: &str, state: &str) -> R<()> {
 
 async fn acquire(t: &mut Tx<'_>, n: &NewLease) -> R<(Lease, bool)> {
     let state = row_opt(
-        &t.c,
+        t.c,
         "SELECT state FROM instances WHERE id = $1 FOR SHARE",
         &[&n.holder],
     )
@@ -79,7 +79,7 @@ async fn acquire(t: &mut Tx<'_>, n: &NewLease) -> R<(Lease, bool)> {
     }
     let fence: i64 = get(
         &row_one(
-            &t.c,
+            t.c,
             "SELECT fence FROM lease_counter WHERE id = 1 FOR UPDATE",
             &[],
         )
@@ -88,7 +88,7 @@ async fn acquire(t: &mut Tx<'_>, n: &NewLease) -> R<(Lease, bool)> {
     )?;
     if let Some(key) = &n.idempotency_key {
         let same = query(
-            &t.c,
+            t.c,
             &format!("SELECT {COLS} FROM leases l WHERE l.holder = $1 AND l.idempotency_key = $2 AND l.state = 'held' AND l.expires_at > $3"),
             &[&n.holder, key, &t.now],
         )
@@ -97,17 +97,17 @@ async fn acquire(t: &mut Tx<'_>, n: &NewLease) -> R<(Lease, bool)> {
             return Ok((l, true));
         }
     }
-    check_conflicts(n, &live(&t.c, t.now).await?)?;
+    check_conflicts(n, &live(t.c, t.now).await?)?;
     let fence = fence + 1;
     exec(
-        &t.c,
+        t.c,
         "UPDATE lease_counter SET fence = $1 WHERE id = 1",
         &[&fence],
     )
     .await?;
     let expires = t.now + n.ttl_ms;
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO leases (id, resource, mode, holder, entity, fence, reason, idempotency_key, acquired_at, expires_at, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'held')",
         &[&n.id, &n.resource, &n.mode.as_str(), &n.holder, &n.entity, &fence, &n.reason, &n.idempotency_key, &t.now, &expires],
     )
@@ -136,7 +136,7 @@ async fn acquire(t: &mut Tx<'_>, n: &NewLease) -> R<(Lease, bool)> {
 /// in its transaction (which holds the instance's row).
 pub(crate) async fn release_holder(t: &mut Tx<'_>, instance: &str, reason: &str) -> R<()> {
     let leases = query(
-        &t.c,
+        t.c,
         &format!("SELECT {COLS} FROM leases l WHERE l.holder = $1 AND l.state = 'held' ORDER BY l.id FOR UPDATE"),
         &[&instance],
     )
@@ -173,7 +173,7 @@ impl LeaseStore for PostgresStore {
                     check_holder(&l, Some(&holder))?;
                     l.expires_at = Timestamp(t.now + ttl_ms);
                     exec(
-                        &t.c,
+                        t.c,
                         "UPDATE leases SET expires_at = $2 WHERE id = $1",
                         &[&id, &l.expires_at.millis()],
                     )
@@ -241,7 +241,7 @@ impl LeaseStore for PostgresStore {
             .write(move |t| {
                 Box::pin(async move {
                     let due = query(
-                        &t.c,
+                        t.c,
                         &format!("SELECT {COLS} FROM leases l WHERE l.state = 'held' AND l.expires_at <= $1 ORDER BY l.id LIMIT $2 FOR UPDATE SKIP LOCKED"),
                         &[&t.now, &limit_param(limit)],
                     )
@@ -251,7 +251,7 @@ impl LeaseStore for PostgresStore {
                         t.event(LEASE_EXPIRED, &hub_source(), event_data(l, json!({"why": "ttl"})));
                     }
                     exec(
-                        &t.c,
+                        t.c,
                         "DELETE FROM leases WHERE state <> 'held' AND ended_at < $1",
                         &[&(t.now - 86_400_000)],
                     )

@@ -6,7 +6,7 @@
 //! `memory_counter` row, held to COMMIT. The counter row makes memory writers
 //! commit one after another, so memory-log positions become visible in position
 //! order (DESIGN §2) and the dedup, idempotency and dimension checks see every
-//! earlier write; the event counter is still taken last, at flush.
+//! earlier write. Event seqs, taken at flush, take no lock (`postgres::horizon`).
 
 use super::*;
 use crate::memory::*;
@@ -82,7 +82,7 @@ async fn require<C: GenericClient>(c: &C, id: &str) -> R<StoredMemory> {
 /// Locks the memory log until COMMIT (see the module docs).
 async fn lock_log(t: &Tx<'_>) -> R<()> {
     row_one(
-        &t.c,
+        t.c,
         "SELECT seq FROM memory_counter WHERE id = 1 FOR UPDATE",
         &[],
     )
@@ -93,7 +93,7 @@ async fn lock_log(t: &Tx<'_>) -> R<()> {
 async fn next_seq(t: &Tx<'_>) -> R<i64> {
     get(
         &row_one(
-            &t.c,
+            t.c,
             "UPDATE memory_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq",
             &[],
         )
@@ -121,13 +121,13 @@ async fn space_dim<C: GenericClient>(c: &C, space: &str) -> R<Option<u32>> {
 }
 
 async fn check_dim(t: &Tx<'_>, space: &str, v: &[f32]) -> R<()> {
-    match space_dim(&t.c, space).await? {
+    match space_dim(t.c, space).await? {
         Some(d) if d as usize != v.len() => Err(dimension_mismatch(space, d, v.len()).into()),
         Some(_) => Ok(()),
         None => {
             let dim = v.len() as i32;
             exec(
-                &t.c,
+                t.c,
                 "INSERT INTO memory_spaces (space, dim) VALUES ($1, $2)",
                 &[&space, &dim],
             )
@@ -140,7 +140,7 @@ async fn check_dim(t: &Tx<'_>, space: &str, v: &[f32]) -> R<()> {
 async fn circle_exists(t: &Tx<'_>, name: &str) -> R<bool> {
     get(
         &row_one(
-            &t.c,
+            t.c,
             "SELECT EXISTS(SELECT 1 FROM circles WHERE name = $1)",
             &[&name],
         )
@@ -204,7 +204,7 @@ async fn authorize_write(
 
 async fn actor_instance(t: &Tx<'_>, actor: &Principal) -> R<Option<Instance>> {
     match &actor.instance {
-        Some(i) => get_instance(&t.c, i).await,
+        Some(i) => get_instance(t.c, i).await,
         None => Ok(None),
     }
 }
@@ -212,7 +212,7 @@ async fn actor_instance(t: &Tx<'_>, actor: &Principal) -> R<Option<Instance>> {
 async fn space_owner(t: &Tx<'_>, actor: &Principal, space: &Space) -> R<Owner> {
     let inst_entity = match space {
         Space::Instance(i) if actor.instance.is_none() => {
-            get_instance(&t.c, i).await?.map(|i| i.entity)
+            get_instance(t.c, i).await?.map(|i| i.entity)
         }
         _ => None,
     };
@@ -253,7 +253,7 @@ async fn insert(t: &Tx<'_>, m: &Insert<'_>) -> R<()> {
     let pending = m.embedding.is_none() && m.embed_pending;
     let (idem_actor, idem_key) = (m.idem.map(|x| x.0), m.idem.map(|x| x.1));
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO memories (id, lineage, space, kind, text, tags, metadata, visibility, owner_instance, owner_entity, \
          writer_instance, writer_entity, provenance, content_hash, version, supersedes, valid_at, created_at, seq, changed_seq, \
          purged, embedding, embedding_dim, embed_pending, idem_actor, idempotency_key) \
@@ -302,7 +302,7 @@ async fn write_one(
     let idem_actor = actor.actor();
     if let Some(key) = &m.idempotency_key {
         let prior = row_opt(
-            &t.c,
+            t.c,
             "SELECT id FROM memories WHERE idem_actor = $1 AND idempotency_key = $2",
             &[&idem_actor, key],
         )
@@ -310,7 +310,7 @@ async fn write_one(
         if let Some(r) = prior {
             let id: String = get(&r, 0)?;
             return Ok(Written {
-                memory: require(&t.c, &id).await?,
+                memory: require(t.c, &id).await?,
                 deduplicated: true,
             });
         }
@@ -322,7 +322,7 @@ async fn write_one(
     }
     let visibility = m.visibility.to_string();
     let dup = query(
-        &t.c,
+        t.c,
         &format!(
             "SELECT {} FROM memories WHERE space = $1 AND content_hash = $2 AND visibility = $3 \
              AND invalid_at IS NULL AND NOT purged LIMIT 1",
@@ -371,7 +371,7 @@ async fn write_one(
         },
     )
     .await?;
-    let stored = require(&t.c, &m.id).await?;
+    let stored = require(t.c, &m.id).await?;
     let (topic, extra) = match &prov.promoted_from {
         Some(from) => (memory_topics::PROMOTED, json!({"promoted_from": from})),
         None => (memory_topics::CREATED, json!({})),
@@ -400,12 +400,12 @@ async fn write_memories(t: &mut Tx<'_>, w: &MemoryWrite) -> R<Vec<Written>> {
 
 /// The current row and its space, with the locks a change to it needs taken.
 async fn locked_current(t: &Tx<'_>, id: &str, actor: &Principal) -> R<(StoredMemory, Space)> {
-    let first = require(&t.c, id).await?;
+    let first = require(t.c, id).await?;
     let space = Space::parse("space", &first.memory.space)?;
     lock_spaces(t, actor, std::iter::once(&space)).await?;
     lock_log(t).await?;
     // Re-read under the log lock: no memory change can interleave from here.
-    Ok((require(&t.c, id).await?, space))
+    Ok((require(t.c, id).await?, space))
 }
 
 async fn update(t: &mut Tx<'_>, u: &MemoryUpdate) -> R<StoredMemory> {
@@ -433,7 +433,7 @@ async fn update(t: &mut Tx<'_>, u: &MemoryUpdate) -> R<StoredMemory> {
         Some(v) => (Some(v.clone()), false),
         None if text == old.text => {
             let r = row_one(
-                &t.c,
+                t.c,
                 "SELECT embedding, embed_pending FROM memories WHERE id = $1",
                 &[&u.id],
             )
@@ -447,7 +447,7 @@ async fn update(t: &mut Tx<'_>, u: &MemoryUpdate) -> R<StoredMemory> {
         check_dim(t, &old.space, v).await?;
     }
     let lineage: String = get(
-        &row_one(&t.c, "SELECT lineage FROM memories WHERE id = $1", &[&u.id]).await?,
+        &row_one(t.c, "SELECT lineage FROM memories WHERE id = $1", &[&u.id]).await?,
         0,
     )?;
     let hash = concord_core::memory::content_hash(&kind, &text, &tags, &metadata);
@@ -455,7 +455,7 @@ async fn update(t: &mut Tx<'_>, u: &MemoryUpdate) -> R<StoredMemory> {
     let prov = provenance(&u.actor, instance.as_ref(), &u.via, u.fence, None);
     let seq = next_seq(t).await?;
     exec(
-        &t.c,
+        t.c,
         "UPDATE memories SET invalid_at = $2, superseded_by = $3, closed_seq = $4, changed_seq = $4 WHERE id = $1",
         &[&u.id, &t.now, &u.new_id, &seq],
     )
@@ -484,7 +484,7 @@ async fn update(t: &mut Tx<'_>, u: &MemoryUpdate) -> R<StoredMemory> {
         },
     )
     .await?;
-    let stored = require(&t.c, &u.new_id).await?;
+    let stored = require(t.c, &u.new_id).await?;
     t.event(
         memory_topics::UPDATED,
         &source_of(&u.actor),
@@ -503,19 +503,19 @@ async fn close(t: &mut Tx<'_>, x: &MemoryClose) -> R<StoredMemory> {
             return Ok(cur);
         }
         let lineage: String = get(
-            &row_one(&t.c, "SELECT lineage FROM memories WHERE id = $1", &[&x.id]).await?,
+            &row_one(t.c, "SELECT lineage FROM memories WHERE id = $1", &[&x.id]).await?,
             0,
         )?;
         let seq = next_seq(t).await?;
         let n = exec(
-            &t.c,
+            t.c,
             "UPDATE memories SET text = '', tags = '[]'::json, metadata = '{}'::json, embedding = NULL, embedding_dim = NULL, \
              embed_pending = FALSE, purged = TRUE, invalid_at = COALESCE(invalid_at, $2), closed_seq = COALESCE(closed_seq, $3), \
              changed_seq = $3 WHERE lineage = $1",
             &[&lineage, &t.now, &seq],
         )
         .await?;
-        let stored = require(&t.c, &x.id).await?;
+        let stored = require(t.c, &x.id).await?;
         t.event(
             memory_topics::PURGED,
             &source_of(&x.actor),
@@ -531,12 +531,12 @@ async fn close(t: &mut Tx<'_>, x: &MemoryClose) -> R<StoredMemory> {
     }
     let seq = next_seq(t).await?;
     exec(
-        &t.c,
+        t.c,
         "UPDATE memories SET invalid_at = $2, closed_seq = $3, changed_seq = $3 WHERE id = $1",
         &[&x.id, &t.now, &seq],
     )
     .await?;
-    let stored = require(&t.c, &x.id).await?;
+    let stored = require(t.c, &x.id).await?;
     t.event(
         memory_topics::CLOSED,
         &source_of(&x.actor),
@@ -602,7 +602,7 @@ async fn set_embeddings(t: &mut Tx<'_>, vectors: &[(String, Vec<f32>)]) -> R<usi
     let mut n = 0;
     for (id, v) in vectors {
         let Some(r) = row_opt(
-            &t.c,
+            t.c,
             "SELECT space FROM memories WHERE id = $1 AND embed_pending AND NOT purged",
             &[id],
         )
@@ -612,7 +612,7 @@ async fn set_embeddings(t: &mut Tx<'_>, vectors: &[(String, Vec<f32>)]) -> R<usi
         };
         let space: String = get(&r, 0)?;
         let ok = concord_core::memory::embedding("embedding", v).is_ok()
-            && match space_dim(&t.c, &space).await? {
+            && match space_dim(t.c, &space).await? {
                 Some(d) => d as usize == v.len(),
                 None => check_dim(t, &space, v).await.is_ok(),
             };
@@ -620,7 +620,7 @@ async fn set_embeddings(t: &mut Tx<'_>, vectors: &[(String, Vec<f32>)]) -> R<usi
         if ok {
             let dim = v.len() as i32;
             exec(
-                &t.c,
+                t.c,
                 "UPDATE memories SET embedding = $2, embedding_dim = $3, embed_pending = FALSE, changed_seq = $4 WHERE id = $1",
                 &[id, &encode_vec(v), &dim, &seq],
             )
@@ -629,7 +629,7 @@ async fn set_embeddings(t: &mut Tx<'_>, vectors: &[(String, Vec<f32>)]) -> R<usi
         } else {
             tracing::warn!(memory = %id, dim = v.len(), "the embedder's vector does not fit its space; left without one");
             exec(
-                &t.c,
+                t.c,
                 "UPDATE memories SET embed_pending = FALSE, changed_seq = $2 WHERE id = $1",
                 &[id, &seq],
             )
@@ -664,7 +664,7 @@ async fn put_trust(
     };
     check_trust_writer(entity, actor, primary.as_deref())?;
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO trust (entity, trusts, updated_at) VALUES ($1, $2, $3) \
          ON CONFLICT (entity) DO UPDATE SET trusts = excluded.trusts, updated_at = excluded.updated_at",
         &[&entity, &Json(trusts), &t.now],
@@ -675,7 +675,7 @@ async fn put_trust(
         &source_of(actor),
         json!({"entity": entity, "trusts": trusts}),
     );
-    get_trust(&t.c, entity).await
+    get_trust(t.c, entity).await
 }
 
 async fn list_circles<C: GenericClient>(c: &C) -> R<Vec<Circle>> {
@@ -704,7 +704,7 @@ async fn put_circle(
     members.sort();
     members.dedup();
     exec(
-        &t.c,
+        t.c,
         "INSERT INTO circles (name, members, updated_at) VALUES ($1, $2, $3) \
          ON CONFLICT (name) DO UPDATE SET members = excluded.members, updated_at = excluded.updated_at",
         &[&name, &Json(&members), &t.now],
@@ -762,7 +762,7 @@ async fn fork_diff<C: GenericClient>(c: &C, fork: &str) -> R<ForkDiffRaw> {
 }
 
 async fn promote(t: &mut Tx<'_>, p: &MemoryPromote) -> R<Vec<Written>> {
-    let (inst, _) = fork_of(&t.c, &p.fork).await?;
+    let (inst, _) = fork_of(t.c, &p.fork).await?;
     let canonical = Space::Entity(inst.entity.clone());
     lock_spaces(t, &p.actor, std::iter::once(&canonical)).await?;
     lock_log(t).await?;
@@ -771,7 +771,7 @@ async fn promote(t: &mut Tx<'_>, p: &MemoryPromote) -> R<Vec<Written>> {
     let mut out = Vec::with_capacity(p.memory_ids.len());
     for (i, (id, new_id)) in p.memory_ids.iter().zip(&p.new_ids).enumerate() {
         let field = format!("memory_ids[{i}]");
-        let src = get_mem(&t.c, id)
+        let src = get_mem(t.c, id)
             .await?
             .filter(|m| m.memory.space == branch)
             .ok_or_else(|| {
@@ -784,7 +784,7 @@ async fn promote(t: &mut Tx<'_>, p: &MemoryPromote) -> R<Vec<Written>> {
             return Err(Error::bad_field(&field, format!("{id} is closed")).into());
         }
         let emb: Option<Vec<u8>> = get(
-            &row_one(&t.c, "SELECT embedding FROM memories WHERE id = $1", &[id]).await?,
+            &row_one(t.c, "SELECT embedding FROM memories WHERE id = $1", &[id]).await?,
             0,
         )?;
         let m = &src.memory;

@@ -64,7 +64,7 @@ pub(crate) async fn load<C: GenericClient>(c: &C, id: &str) -> R<Option<(Task, O
 /// The task with its row locked for the rest of the transaction.
 async fn lock(t: &Tx<'_>, id: &str) -> R<Option<(Task, Option<String>)>> {
     row_opt(
-        &t.c,
+        t.c,
         &format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1 FOR UPDATE"),
         &[&id],
     )
@@ -101,14 +101,14 @@ pub(crate) async fn finish_unsuccessfully(
     let mut first = true;
     while let Some((id, state, error)) = work.pop() {
         exec(
-            &t.c,
+            t.c,
             "UPDATE tasks SET state = $2, error = $3, claim = NULL, claimed_by = NULL, lease_until = NULL, \
              updated_at = $4, completed_at = $4 WHERE id = $1",
             &[&id, &state.as_str(), &error, &t.now],
         )
         .await?;
         if !first {
-            if let Some((task, _)) = load(&t.c, &id).await? {
+            if let Some((task, _)) = load(t.c, &id).await? {
                 event(
                     t,
                     topics::TASK_CANCELLED,
@@ -120,7 +120,7 @@ pub(crate) async fn finish_unsuccessfully(
         }
         first = false;
         let dependents = rows(
-            &t.c,
+            t.c,
             "SELECT d.task FROM task_deps d JOIN tasks x ON x.id = d.task \
              WHERE d.dep = $1 AND x.state NOT IN ('completed', 'dead', 'cancelled') FOR UPDATE OF x",
             &[&id],
@@ -152,7 +152,7 @@ async fn lose_claim(t: &mut Tx<'_>, task: &Task, reason: &str) -> R<()> {
         }
         _ => {
             exec(
-                &t.c,
+                t.c,
                 "UPDATE tasks SET state = 'pending', claim = NULL, claimed_by = NULL, lease_until = NULL, \
                  error = $2, updated_at = $3 WHERE id = $1",
                 &[&task.id, &reason, &t.now],
@@ -161,7 +161,7 @@ async fn lose_claim(t: &mut Tx<'_>, task: &Task, reason: &str) -> R<()> {
             (topics::TASK_REQUEUED, reason.to_string())
         }
     };
-    let (after, _) = load(&t.c, &task.id)
+    let (after, _) = load(t.c, &task.id)
         .await?
         .ok_or_else(|| not_found(&task.id))?;
     event(
@@ -177,7 +177,7 @@ async fn lose_claim(t: &mut Tx<'_>, task: &Task, reason: &str) -> R<()> {
 /// Called when an instance ends (its row is locked): its claims go back at once.
 pub(crate) async fn release_claims(t: &mut Tx<'_>, instance: &str) -> R<()> {
     let held = rows(
-        &t.c,
+        t.c,
         &format!(
             "SELECT {TASK_COLS} FROM tasks WHERE state = 'running' AND claimed_by = $1 FOR UPDATE"
         ),
@@ -194,7 +194,7 @@ pub(crate) async fn release_claims(t: &mut Tx<'_>, instance: &str) -> R<()> {
 /// The id of the task enqueued earlier under this idempotency key, if any.
 async fn by_key(t: &Tx<'_>, key: &str) -> R<Option<String>> {
     row_opt(
-        &t.c,
+        t.c,
         "SELECT id FROM tasks WHERE idempotency_key = $1",
         &[&key],
     )
@@ -226,7 +226,7 @@ pub(crate) async fn enqueue(
         // its dependencies may have been pruned since the first enqueue.
         if let Some(key) = &nt.idempotency_key {
             if let Some(existing) = by_key(t, key).await? {
-                let (task, _) = load(&t.c, &existing)
+                let (task, _) = load(t.c, &existing)
                     .await?
                     .ok_or_else(|| not_found(&existing))?;
                 out.push((task, true));
@@ -236,7 +236,7 @@ pub(crate) async fn enqueue(
         let mut dead_dep = None;
         for (i, d) in nt.depends_on.iter().enumerate() {
             let state: Option<String> = row_opt(
-                &t.c,
+                t.c,
                 "SELECT state FROM tasks WHERE id = $1 FOR KEY SHARE",
                 &[d],
             )
@@ -265,7 +265,7 @@ pub(crate) async fn enqueue(
         // ON CONFLICT on the idempotency key: a concurrent enqueue with the same key
         // on another replica waits for ours and then finds it.
         let inserted = exec(
-            &t.c,
+            t.c,
             "INSERT INTO tasks (id, queue, state, priority, payload, requires, target, attempt, max_attempts, backoff_ms, \
              timeout_ms, idempotency_key, not_before, deps, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12, $13, $14, $14) \
@@ -296,7 +296,7 @@ pub(crate) async fn enqueue(
                     nt.id
                 )))
             })?;
-            let (task, _) = load(&t.c, &existing)
+            let (task, _) = load(t.c, &existing)
                 .await?
                 .ok_or_else(|| not_found(&existing))?;
             out.push((task, true));
@@ -304,7 +304,7 @@ pub(crate) async fn enqueue(
         }
         for d in &nt.depends_on {
             exec(
-                &t.c,
+                t.c,
                 "INSERT INTO task_deps (task, dep) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 &[&nt.id, d],
             )
@@ -314,7 +314,7 @@ pub(crate) async fn enqueue(
             let why = format!("cancelled: dependency {d} is {}", s.as_str());
             finish_unsuccessfully(t, &nt.id, TaskState::Cancelled, &why).await?;
         }
-        let (task, _) = load(&t.c, &nt.id).await?.ok_or_else(|| not_found(&nt.id))?;
+        let (task, _) = load(t.c, &nt.id).await?.ok_or_else(|| not_found(&nt.id))?;
         created.push(task.clone());
         out.push((task, false));
     }
@@ -349,7 +349,7 @@ async fn claim(t: &mut Tx<'_>, spec: &ClaimSpec) -> R<Vec<ClaimedTask>> {
         .ok_or_else(|| Fail::Done(Error::unknown_instance(&spec.instance)))?;
     inst.refuse_ghost()?;
     let candidates = rows(
-        &t.c,
+        t.c,
         "SELECT t.id, t.timeout_ms FROM tasks t \
          WHERE t.queue = ANY($1) AND t.state IN ('pending', 'scheduled', 'failed') AND t.not_before <= $2 \
          AND (t.target IS NULL OR t.target = $3) AND t.requires <@ $4 \
@@ -367,7 +367,7 @@ async fn claim(t: &mut Tx<'_>, spec: &ClaimSpec) -> R<Vec<ClaimedTask>> {
         let token = ids::new_id(ids::CLAIM);
         let until = t.now + lease;
         let row = row_one(
-            &t.c,
+            t.c,
             &format!(
                 "UPDATE tasks SET state = 'running', attempt = attempt + 1, claimed_by = $2, claim = $3, lease_ms = $4, \
                  lease_until = $5, updated_at = $6 WHERE id = $1 RETURNING {TASK_COLS}"
@@ -401,7 +401,7 @@ async fn current(t: &Tx<'_>, id: &str, claim: &str) -> R<Task> {
 async fn heartbeat(t: &mut Tx<'_>, id: &str, claim: &str, progress: &Option<Value>) -> R<i64> {
     current(t, id, claim).await?;
     let row = row_one(
-        &t.c,
+        t.c,
         "UPDATE tasks SET lease_until = $2 + COALESCE(lease_ms, $3), progress = COALESCE($4, progress), updated_at = $2 \
          WHERE id = $1 RETURNING lease_until",
         &[&id, &t.now, &DEFAULT_LEASE_MS, &progress.as_ref().map(Json)],
@@ -423,7 +423,7 @@ async fn complete(
     let mut by = None;
     for it in items {
         let Some(held) = row_opt(
-            &t.c,
+            t.c,
             "SELECT state, claim FROM tasks WHERE id = $1 FOR UPDATE",
             &[&it.id],
         )
@@ -444,11 +444,11 @@ async fn complete(
         let args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&it.id, &Json(&it.result), &t.now];
         let (queue, claimer, task) = if read_back {
-            let row = row_one(&t.c, &format!("{set} RETURNING {TASK_COLS}"), &args).await?;
+            let row = row_one(t.c, &format!("{set} RETURNING {TASK_COLS}"), &args).await?;
             let (task, _) = task_from_row(&row)?;
             (task.queue.clone(), task.claimed_by.clone(), Some(task))
         } else {
-            let row = row_one(&t.c, &format!("{set} RETURNING queue, claimed_by"), &args).await?;
+            let row = row_one(t.c, &format!("{set} RETURNING queue, claimed_by"), &args).await?;
             (get(&row, 0)?, get(&row, 1)?, None)
         };
         if done.is_empty() {
@@ -477,13 +477,13 @@ async fn fail(t: &mut Tx<'_>, id: &str, claim: &str, error: &str, retry: bool) -
         TaskState::Failed => {
             let not_before = t.now + retry_delay(task.backoff_ms, task.attempt);
             exec(
-                &t.c,
+                t.c,
                 "UPDATE tasks SET state = 'failed', error = $2, claim = NULL, claimed_by = NULL, lease_until = NULL, \
                  not_before = $3, updated_at = $4 WHERE id = $1",
                 &[&id, &error, &not_before, &t.now],
             )
             .await?;
-            let (task, _) = load(&t.c, id).await?.ok_or_else(|| not_found(id))?;
+            let (task, _) = load(t.c, id).await?.ok_or_else(|| not_found(id))?;
             event(
                 t,
                 topics::TASK_FAILED,
@@ -495,7 +495,7 @@ async fn fail(t: &mut Tx<'_>, id: &str, claim: &str, error: &str, retry: bool) -
         }
         _ => {
             finish_unsuccessfully(t, id, TaskState::Dead, error).await?;
-            let (task, _) = load(&t.c, id).await?.ok_or_else(|| not_found(id))?;
+            let (task, _) = load(t.c, id).await?.ok_or_else(|| not_found(id))?;
             event(
                 t,
                 topics::TASK_DEAD,
@@ -517,7 +517,7 @@ async fn cancel(t: &mut Tx<'_>, id: &str, by: &str) -> R<Task> {
         ));
     }
     finish_unsuccessfully(t, id, TaskState::Cancelled, &format!("cancelled by {by}")).await?;
-    let (task, _) = load(&t.c, id).await?.ok_or_else(|| not_found(id))?;
+    let (task, _) = load(t.c, id).await?.ok_or_else(|| not_found(id))?;
     event(
         t,
         topics::TASK_CANCELLED,
@@ -530,7 +530,7 @@ async fn cancel(t: &mut Tx<'_>, id: &str, by: &str) -> R<Task> {
 
 async fn requeue_lapsed(t: &mut Tx<'_>, limit: usize) -> R<usize> {
     let lapsed = rows(
-        &t.c,
+        t.c,
         &format!(
             "SELECT {TASK_COLS} FROM tasks WHERE state = 'running' AND lease_until < $1 \
              ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED"
@@ -544,7 +544,7 @@ async fn requeue_lapsed(t: &mut Tx<'_>, limit: usize) -> R<usize> {
         lose_claim(t, &task, "claim lease expired").await?;
     }
     let promoted = exec(
-        &t.c,
+        t.c,
         "UPDATE tasks SET state = 'pending', updated_at = $1 WHERE id IN (SELECT id FROM tasks \
          WHERE state IN ('scheduled', 'failed') AND not_before <= $1 FOR UPDATE SKIP LOCKED)",
         &[&t.now],
@@ -574,7 +574,7 @@ fn schedule_from_row(r: &Row) -> R<Schedule> {
 
 async fn put_schedule(t: &mut Tx<'_>, s: &ScheduleSpec) -> R<Schedule> {
     let row = row_one(
-        &t.c,
+        t.c,
         &format!(
             "INSERT INTO schedules (name, queue, payload, every_ms, cron, priority, requires, max_attempts, next_due, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, \
@@ -606,7 +606,7 @@ async fn put_schedule(t: &mut Tx<'_>, s: &ScheduleSpec) -> R<Schedule> {
 
 async fn fire(t: &mut Tx<'_>, name: &str, due: i64, next_due: i64) -> R<Option<Task>> {
     let Some(row) = row_opt(
-        &t.c,
+        t.c,
         &format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE name = $1 FOR UPDATE"),
         &[&name],
     )
@@ -638,7 +638,7 @@ async fn fire(t: &mut Tx<'_>, name: &str, due: i64, next_due: i64) -> R<Option<T
     };
     let mut created = enqueue(t, &[task], &src).await?;
     exec(
-        &t.c,
+        t.c,
         "UPDATE schedules SET next_due = $2, last_enqueued_at = $3 WHERE name = $1",
         &[&name, &next_due, &t.now],
     )
@@ -780,7 +780,7 @@ impl QueueStore for PostgresStore {
     async fn delete_schedule(&self, name: &str) -> Result<bool> {
         let name = name.to_string();
         tx!(self, [name], |t| async move {
-            let n = exec(&t.c, "DELETE FROM schedules WHERE name = $1", &[&name]).await?;
+            let n = exec(t.c, "DELETE FROM schedules WHERE name = $1", &[&name]).await?;
             if n > 0 {
                 t.event(
                     topics::SCHEDULE_CHANGED,
@@ -838,13 +838,13 @@ impl QueueStore for PostgresStore {
         tx!(self, [], |t| async move {
             let cut = t.now - retention_ms;
             exec(
-                &t.c,
+                t.c,
                 "DELETE FROM task_deps WHERE task IN (SELECT id FROM tasks WHERE completed_at < $1 \
                  AND state IN ('completed', 'dead', 'cancelled'))",
                 &[&cut],
             )
             .await?;
-            exec(&t.c, "DELETE FROM tasks WHERE completed_at < $1 AND state IN ('completed', 'dead', 'cancelled')", &[&cut])
+            exec(t.c, "DELETE FROM tasks WHERE completed_at < $1 AND state IN ('completed', 'dead', 'cancelled')", &[&cut])
                 .await
         })
     }
