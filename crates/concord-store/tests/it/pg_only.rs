@@ -272,17 +272,7 @@ async fn survives_the_database_going_away_and_coming_back() {
     let inst = register(&a, "sisters", Role::Primary, Some("main"))
         .await
         .instance;
-    let token = |name: &str| {
-        let id = concord_core::ids::new_id(concord_core::ids::TOKEN);
-        NewToken {
-            secret_hash: format!("hash:{id}"),
-            id,
-            kind: TokenKind::Reader,
-            entity: None,
-            name: Some(name.into()),
-            instance: None,
-        }
-    };
+    let token = reader_token;
 
     // The database goes away: every kind of call answers 503, promptly.
     proxy.stop().await;
@@ -356,7 +346,7 @@ async fn claims_racing_the_claimers_end_across_two_replicas() {
     drop_schema(&url, &schema).await;
 }
 
-/// A token write whose event is the test's marker.
+/// A new reader token: a write that appends one event.
 fn reader_token(name: &str) -> NewToken {
     let id = concord_core::ids::new_id(concord_core::ids::TOKEN);
     NewToken {
@@ -390,6 +380,17 @@ async fn committed_above(admin: &tokio_postgres::Client, schema: &str, seq: i64)
     }
 }
 
+/// Takes an event seq in `tx` the way the store does: the xid first.
+async fn take_seq(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> i64 {
+    tx.query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap();
+    tx.query_one(&format!("SELECT nextval('{schema}.event_seq')"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn seqs(events: &[concord_core::api::Event]) -> Vec<i64> {
     events.iter().map(|e| e.seq).collect()
 }
@@ -413,14 +414,7 @@ async fn an_open_appender_holds_delivery_back_and_a_rolled_back_one_is_passed() 
 
     // A transaction takes a seq the way the store does (xid first) and stays open.
     let slow = raw.transaction().await.unwrap();
-    slow.query_one("SELECT pg_current_xact_id()::text", &[])
-        .await
-        .unwrap();
-    let held: i64 = slow
-        .query_one(&format!("SELECT nextval('{schema}.event_seq')"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let held = take_seq(&slow, &schema).await;
     let write = {
         let a = a.clone();
         tokio::spawn(async move { a.create_token(reader_token("after the open one")).await })
@@ -462,15 +456,7 @@ async fn an_open_appender_holds_delivery_back_and_a_rolled_back_one_is_passed() 
     // A transaction takes a seq and rolls back: the seq is never delivered, and
     // the writes after it go through once it has ended.
     let doomed = raw.transaction().await.unwrap();
-    doomed
-        .query_one("SELECT pg_current_xact_id()::text", &[])
-        .await
-        .unwrap();
-    let lost: i64 = doomed
-        .query_one(&format!("SELECT nextval('{schema}.event_seq')"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lost = take_seq(&doomed, &schema).await;
     let write = {
         let b = b.clone();
         tokio::spawn(async move { b.create_token(reader_token("after the lost one")).await })
