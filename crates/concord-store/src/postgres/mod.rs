@@ -206,35 +206,33 @@ impl Inner {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let client = self.client().await?;
+            let mut conn = TxConn {
+                client: Some(self.client().await?),
+                ended: false,
+            };
             let began = std::time::Instant::now();
-            // Whether the transaction was ended cleanly; if not (an error at
-            // BEGIN or COMMIT, a timeout, a panic), the connection may be left
-            // mid-transaction and must not go back to the pool.
-            let mut ended = false;
             let outcome: std::result::Result<(T, Option<i64>, Duration), Fail> = async {
-                let mut tx = Tx::begin(&client).await?;
+                let client = conn.client.as_ref().ok_or_else(|| {
+                    Fail::Done(Error::internal("a write transaction lost its connection"))
+                })?;
+                let mut tx = Tx::begin(client).await?;
                 match op(&mut tx).await {
                     Ok(out) => {
                         let committing = std::time::Instant::now();
                         let last = tx.commit().await?;
-                        ended = true;
+                        conn.ended = true;
                         Ok((out, last, committing.elapsed()))
                     }
                     Err(e) => {
-                        ended = tx.rollback().await.is_ok();
+                        conn.ended = tx.rollback().await.is_ok();
                         Err(e)
                     }
                 }
             }
             .await;
-            // Back to the pool before waiting for the horizon (the wait needs no
-            // connection, and other writers do), or out of it if left open.
-            if ended {
-                drop(client);
-            } else {
-                drop(deadpool_postgres::Object::take(client));
-            }
+            // Back to the pool (or out of it, if left open) before waiting for
+            // the horizon: the wait needs no connection, and other writers do.
+            drop(conn);
             match outcome {
                 Ok((out, last, commit)) => {
                     self.stats.committed(1, began.elapsed(), commit);
@@ -258,6 +256,26 @@ impl Inner {
                     tokio::time::sleep(Duration::from_micros(jitter * u64::from(attempt))).await;
                 }
                 Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A pooled connection lent to one write transaction. [`Tx`] sends BEGIN and
+/// COMMIT by hand, so nothing ends a transaction that is abandoned midway: unless
+/// `ended` was set after a clean COMMIT or ROLLBACK, dropping this (an error at
+/// BEGIN or COMMIT, the operation's timeout dropping the future, a panic) takes
+/// the connection out of the pool instead of lending it out mid-transaction.
+struct TxConn {
+    client: Option<deadpool_postgres::Client>,
+    ended: bool,
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if !self.ended {
+            if let Some(client) = self.client.take() {
+                drop(deadpool_postgres::Object::take(client));
             }
         }
     }
