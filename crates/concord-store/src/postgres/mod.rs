@@ -158,7 +158,7 @@ fn check_schema(schema: &str) -> Result<()> {
 }
 
 /// What every task of one store shares: the pool and the two signals that follow
-/// commits (the local event watch and the coalescing notifier).
+/// commits (the delivery horizon and the coalescing notifier).
 pub(crate) struct Inner {
     pool: Pool,
     /// The event log's delivery horizon, kept by the listener task.
@@ -305,11 +305,11 @@ fn raise(w: &watch::Sender<i64>, seq: i64) {
     });
 }
 
-/// The PostgreSQL store: a connection pool, a LISTEN connection that hears
-/// about other replicas' commits, and a notifier that tells them about ours.
+/// The PostgreSQL store: a connection pool, a listener that keeps the event
+/// horizon and hears about other replicas' commits, and a notifier that tells
+/// them about ours.
 pub struct PostgresStore {
     inner: Arc<Inner>,
-    events: watch::Receiver<i64>,
     /// Durable heartbeats on their way to [`heartbeat_batcher`]; dropped with the
     /// store, which ends the batcher.
     beats: mpsc::Sender<BeatJob>,
@@ -485,7 +485,6 @@ impl PostgresStore {
             ops::event_floor(&client).await.map_err(Error::from)?
         };
         let horizon = Arc::new(listener::HorizonWatch::new(floor));
-        let events = horizon.seq.subscribe();
         let (to_notify, notify_rx) = watch::channel(floor);
         let (shutdown, shutdown_rx) = watch::channel(());
         tokio::spawn(notifier(pool.clone(), key.clone(), notify_rx));
@@ -506,7 +505,6 @@ impl PostgresStore {
         tokio::spawn(heartbeat_batcher(inner.clone(), beat_jobs));
         Ok(PostgresStore {
             inner,
-            events,
             beats,
             _shutdown: shutdown,
         })
@@ -725,7 +723,7 @@ impl Store for PostgresStore {
     }
 
     fn watch_events(&self) -> watch::Receiver<i64> {
-        self.events.clone()
+        self.inner.horizon.seq.subscribe()
     }
 }
 
