@@ -61,10 +61,41 @@ impl Client {
             &CompleteRequest {
                 claim: claim.into(),
                 result,
+                claim_next: None,
             },
         )
         .await
         .map(|e| e.task)
+    }
+    /// Completes a task and claims the next in the same transaction (both or
+    /// neither), waiting up to `wait_ms` for one: a worker's loop in one call.
+    pub async fn complete_and_claim(
+        &self,
+        id: &str,
+        claim: &str,
+        result: Value,
+        queues: &[&str],
+        lease_ms: Option<i64>,
+        wait_ms: u64,
+    ) -> Result<(Task, Vec<ClaimedTask>)> {
+        let req = CompleteRequest {
+            claim: claim.into(),
+            result,
+            claim_next: Some(ClaimRequest {
+                queues: queues.iter().map(|q| q.to_string()).collect(),
+                max: Some(1),
+                lease_ms,
+                wait_ms: Some(wait_ms),
+            }),
+        };
+        self.call_timeout::<_, TaskEnvelope>(
+            Method::POST,
+            &format!("/v1/tasks/{}/complete", pct(id)),
+            Some(&req),
+            Duration::from_millis(wait_ms + 30_000),
+        )
+        .await
+        .map(|e| (e.task, e.next.unwrap_or_default()))
     }
     pub async fn complete_batch(&self, items: Vec<CompleteItem>) -> Result<Vec<ItemOutcome>> {
         self.post::<_, CompleteBatchResponse>("/v1/tasks/complete", &CompleteBatchRequest { items })

@@ -565,6 +565,9 @@ pub struct TaskEnvelope {
     pub task: Task,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deduplicated: bool,
+    /// Only from a completion with `claim_next`: the tasks it claimed (possibly none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Vec<ClaimedTask>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -626,6 +629,12 @@ pub struct CompleteRequest {
     pub claim: String,
     #[serde(default)]
     pub result: Value,
+    /// Also claim the caller's next task(s), in the same transaction as the
+    /// completion (both or neither; with `wait_ms`, a long poll follows a
+    /// completion that found nothing to claim): a worker's loop in one call.
+    /// The claimed tasks are in the answer's `next`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_next: Option<ClaimRequest>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -84,6 +84,14 @@ pub trait QueueStore: Send + Sync {
     /// back (payloads parsed) was an eighth of the SQLite writer's time under
     /// batch load.
     async fn complete_outcomes(&self, items: Vec<Completion>) -> Result<Vec<Result<()>>>;
+    /// Completes one task and claims as `next` says, in one transaction: both or
+    /// neither (a stale claim, or a caller that may not claim, changes nothing).
+    /// A worker's loop then costs one call and one commit per task instead of two.
+    async fn complete_and_claim(
+        &self,
+        done: Completion,
+        next: ClaimSpec,
+    ) -> Result<(Task, Vec<ClaimedTask>)>;
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task>;
     /// Cancels a task that has not finished; a running task's claim becomes stale.
     async fn cancel_task(&self, id: &str, by: &str) -> Result<Task>;

@@ -26,7 +26,9 @@ pub fn skipped(system: &str, why: impl std::fmt::Display) -> Option<Report> {
 
 /// A plain PostgreSQL queue: INSERT, `SELECT … FOR UPDATE SKIP LOCKED` + UPDATE
 /// to running, UPDATE to completed; `synchronous_commit = on` (fsync per commit,
-/// like Concord's default durability).
+/// like Concord's default durability). Single items take the shape of Concord's
+/// worker loop: the completion of the job held and the next claim are one
+/// autocommitted statement.
 pub async fn pg_queue(url: &str, conc: usize, secs: u64, batch: usize) -> Option<Report> {
     let system = if batch == 1 {
         "postgres-skip-locked"
@@ -59,29 +61,31 @@ async fn pg_queue_inner(url: &str, conc: usize, secs: u64, batch: usize) -> Resu
     let pool = Arc::new(pool);
     let schema2 = schema.clone();
     let cleanup = pool.clone();
-    let report = load(conc, secs, move |_w| {
-        let (pool, payload, schema) = (pool.clone(), payload.clone(), schema2.clone());
+    // Each single-item worker's claimed job, completed in its next cycle.
+    let held: Arc<Vec<std::sync::Mutex<Option<i64>>>> =
+        Arc::new((0..conc.max(1)).map(|_| Default::default()).collect());
+    let report = load(conc, secs, move |w| {
+        let (pool, payload, schema, held) =
+            (pool.clone(), payload.clone(), schema2.clone(), held.clone());
         Box::pin(async move {
-            let mut c = pool.get().await?;
+            let c = pool.get().await?;
             if batch == 1 {
+                // The worker's loop of the Concord suite: enqueue, then one
+                // autocommitted statement completes the job held and claims the next.
                 let ins = c.prepare_cached(&format!("INSERT INTO {schema}.jobs (payload, state) VALUES ($1, 'pending')")).await?;
                 c.execute(&ins, &[&payload]).await?;
-                let tx = c.transaction().await?;
-                let claim = tx
+                let step = c
                     .prepare_cached(&format!(
-                        "UPDATE {schema}.jobs SET state = 'running' WHERE id = (SELECT id FROM {schema}.jobs WHERE state = 'pending' \
+                        "WITH done AS (UPDATE {schema}.jobs SET state = 'completed', result = '1' WHERE id = $1 RETURNING id) \
+                         UPDATE {schema}.jobs SET state = 'running' WHERE id = (SELECT id FROM {schema}.jobs WHERE state = 'pending' \
                          ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id"
                     ))
                     .await?;
-                let row = tx.query_opt(&claim, &[]).await?;
-                tx.commit().await?;
-                if let Some(r) = row {
-                    let id: i64 = r.get(0);
-                    let done = c.prepare_cached(&format!("UPDATE {schema}.jobs SET state = 'completed', result = '1' WHERE id = $1")).await?;
-                    c.execute(&done, &[&id]).await?;
-                    return Ok(1);
-                }
-                Ok(0)
+                let mine = held.get(w).ok_or_else(|| anyhow!("no worker {w}"))?;
+                let before = mine.lock().map_err(|_| anyhow!("worker state poisoned"))?.take();
+                let next = c.query_opt(&step, &[&before.unwrap_or(0)]).await?;
+                *mine.lock().map_err(|_| anyhow!("worker state poisoned"))? = next.map(|r| r.get(0));
+                Ok(u64::from(before.is_some()))
             } else {
                 let payloads: Vec<&str> = (0..batch).map(|_| payload.as_str()).collect();
                 let ins = c
@@ -180,7 +184,9 @@ impl Resp {
     }
 }
 
-/// A Redis list queue: RPUSH, LMOVE to a processing list, LREM when done.
+/// A Redis list queue: RPUSH, LMOVE to a processing list, LREM when done (single
+/// items: the LREM of the item held and the next LMOVE pipelined, as Concord's
+/// worker loop completes and claims in one call).
 /// Not durable by default (this server keeps nothing on disk).
 pub async fn redis_queue(addr: &str, conc: usize, secs: u64, batch: usize) -> Option<Report> {
     let system = if batch == 1 {
@@ -194,8 +200,11 @@ pub async fn redis_queue(addr: &str, conc: usize, secs: u64, batch: usize) -> Op
     let key = format!("bench:q:{}", std::process::id());
     let payload: Arc<Vec<u8>> = Arc::new((0..1024).map(|i| b'a' + (i % 26) as u8).collect());
     let addr = addr.to_string();
+    // Each single-item worker's item in the processing list, removed in its next cycle.
+    let held: Arc<Vec<std::sync::Mutex<Option<Vec<u8>>>>> =
+        Arc::new((0..conc.max(1)).map(|_| Default::default()).collect());
     let r = load(conc, secs, move |w| {
-        let (addr, key, payload) = (addr.clone(), key.clone(), payload.clone());
+        let (addr, key, payload, held) = (addr.clone(), key.clone(), payload.clone(), held.clone());
         Box::pin(async move {
             // A connection per call would be unfair; keep one per worker.
             let mut c = REDIS.with_conn(w, &addr).await?;
@@ -204,6 +213,31 @@ pub async fn redis_queue(addr: &str, conc: usize, secs: u64, batch: usize) -> Op
                 .map(|_| vec![&b"RPUSH"[..], key.as_bytes(), &payload[..]])
                 .collect();
             c.pipeline(&push).await?;
+            if batch == 1 {
+                // Concord's worker loop: one round trip removes the item held
+                // from the processing list and moves the next one there.
+                let mine = held.get(w).ok_or_else(|| anyhow!("no worker {w}"))?;
+                let before = mine
+                    .lock()
+                    .map_err(|_| anyhow!("worker state poisoned"))?
+                    .take();
+                let mv = vec![
+                    &b"LMOVE"[..],
+                    key.as_bytes(),
+                    proc_key.as_bytes(),
+                    b"LEFT",
+                    b"RIGHT",
+                ];
+                let mut step = Vec::new();
+                if let Some(item) = &before {
+                    step.push(vec![&b"LREM"[..], proc_key.as_bytes(), b"1", &item[..]]);
+                }
+                step.push(mv);
+                let next = c.pipeline(&step).await?.pop().flatten();
+                *mine.lock().map_err(|_| anyhow!("worker state poisoned"))? = next;
+                REDIS.put(w, c);
+                return Ok(u64::from(before.is_some()));
+            }
             let mv: Vec<Vec<&[u8]>> = (0..batch)
                 .map(|_| {
                     vec![

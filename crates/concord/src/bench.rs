@@ -923,8 +923,11 @@ async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -
     })
 }
 
-/// One worker's loop: enqueue `batch` tasks, claim up to `batch`, complete what it
-/// claimed. Latency is per cycle (the three calls); throughput counts completed tasks.
+/// One worker's loop. Single items (`batch` 1): enqueue one task, then complete
+/// the task it holds and claim the next in one call (`claim_next`), the way a
+/// worker loops; the first cycle only claims. Batches: enqueue `batch` tasks, claim
+/// up to `batch`, complete what it claimed. Latency is per cycle (two calls, or
+/// three with batches); throughput counts completed tasks.
 async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) -> Result<Report> {
     use concord_core::api::{CompleteItem, EnqueueRequest};
     let payload = serde_json::json!({ "blob": "x".repeat(1000) });
@@ -959,6 +962,8 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
         workers.push(tokio::spawn(async move {
             let mut hist = new_histogram();
             let (mut tasks, mut errors) = (0u64, 0u64);
+            // The claimed task a single-item worker completes in its next cycle.
+            let mut held: Option<concord_core::api::ClaimedTask> = None;
             let mk = || EnqueueRequest {
                 queue: queue_name.clone(),
                 payload: payload.clone(),
@@ -975,16 +980,32 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
                 };
                 let cycle = async {
                     enq?;
+                    if batch == 1 {
+                        let Some(t) = held.take() else {
+                            held = c
+                                .claim(&[queue_name.as_str()], 1, Some(60_000), 0)
+                                .await?
+                                .pop();
+                            return Ok(0);
+                        };
+                        let (_, mut next) = c
+                            .complete_and_claim(
+                                &t.task.id,
+                                &t.claim,
+                                serde_json::json!(1),
+                                &[queue_name.as_str()],
+                                Some(60_000),
+                                0,
+                            )
+                            .await?;
+                        held = next.pop();
+                        return Ok::<u64, concord_core::Error>(1);
+                    }
                     let claimed = c
                         .claim(&[queue_name.as_str()], batch as u32, Some(60_000), 0)
                         .await?;
                     let n = claimed.len() as u64;
-                    if batch == 1 {
-                        for t in claimed {
-                            c.complete_task(&t.task.id, &t.claim, serde_json::json!(1))
-                                .await?;
-                        }
-                    } else if !claimed.is_empty() {
+                    if !claimed.is_empty() {
                         let items = claimed
                             .into_iter()
                             .map(|t| CompleteItem {

@@ -170,6 +170,8 @@ pub async fn run(args: WorkArgs) -> Result<()> {
         );
         workers.push(tokio::spawn(async move {
             let queues: Vec<&str> = args.queues.iter().map(String::as_str).collect();
+            // The task claimed with the last completion, run next.
+            let mut next: Option<ClaimedTask> = None;
             while !stopping.load(Ordering::Relaxed) {
                 if args
                     .max_tasks
@@ -179,18 +181,28 @@ pub async fn run(args: WorkArgs) -> Result<()> {
                     break;
                 }
                 let c = session.read().await.client.clone();
-                match c.claim(&queues, 1, Some(args.lease_ms), 5_000).await {
-                    Ok(tasks) => {
-                        for t in tasks {
-                            run_task(&c, &t, &args).await;
-                            done.fetch_add(1, Ordering::Relaxed);
+                let t = match next.take() {
+                    Some(t) => t,
+                    None => match c.claim(&queues, 1, Some(args.lease_ms), 5_000).await {
+                        Ok(mut tasks) => match tasks.pop() {
+                            Some(t) => t,
+                            None => continue,
+                        },
+                        Err(err) => {
+                            eprintln!("concord work: claim: {}", err.message);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
                         }
-                    }
-                    Err(err) => {
-                        eprintln!("concord work: claim: {}", err.message);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
+                    },
+                };
+                // Claim the next task with this one's completion, unless this is
+                // the last one wanted.
+                let more = !stopping.load(Ordering::Relaxed)
+                    && args
+                        .max_tasks
+                        .is_none_or(|m| done.load(Ordering::Relaxed) + 1 < m);
+                next = run_task(&c, &t, &args, more.then_some(&queues[..])).await;
+                done.fetch_add(1, Ordering::Relaxed);
             }
         }));
     }
@@ -229,29 +241,58 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-async fn run_task(c: &Client, t: &ClaimedTask, args: &WorkArgs) {
+/// Runs one task and reports its outcome; a success with `claim_next` also
+/// claims the next task in the same call, and returns it.
+async fn run_task(
+    c: &Client,
+    t: &ClaimedTask,
+    args: &WorkArgs,
+    claim_next: Option<&[&str]>,
+) -> Option<ClaimedTask> {
     let outcome = execute(c, t, args).await;
     let reported = match outcome {
         Ok(stdout) => {
             let result =
                 serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::String(stdout));
-            c.complete_task(&t.task.id, &t.claim, result)
-                .await
-                .map(|_| ())
+            let both = match claim_next {
+                Some(queues) => Some(
+                    c.complete_and_claim(
+                        &t.task.id,
+                        &t.claim,
+                        result.clone(),
+                        queues,
+                        Some(args.lease_ms),
+                        0,
+                    )
+                    .await,
+                ),
+                None => None,
+            };
+            match both {
+                Some(Ok((_, mut next))) => Ok(next.pop()),
+                // Only a stale claim is the completion's own fault; anything
+                // else refused the claim half, so complete alone.
+                Some(Err(e)) if e.code == ErrorCode::StaleClaim => Err(e),
+                _ => c
+                    .complete_task(&t.task.id, &t.claim, result)
+                    .await
+                    .map(|_| None),
+            }
         }
         Err(error) => c
             .fail_task(&t.task.id, &t.claim, &error, true)
             .await
-            .map(|_| ()),
+            .map(|_| None),
     };
-    if let Err(err) = reported {
+    reported.unwrap_or_else(|err| {
         eprintln!(
             "concord work: reporting {}: {} ({})",
             t.task.id,
             err.message,
             err.code.as_str()
         );
-    }
+        None
+    })
 }
 
 /// Runs the command for one task; Ok(stdout) on exit 0, Err(description) otherwise.

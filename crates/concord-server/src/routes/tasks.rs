@@ -132,7 +132,14 @@ pub(crate) async fn enqueue(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, axum::Json(TaskEnvelope { task, deduplicated })))
+    Ok((
+        status,
+        axum::Json(TaskEnvelope {
+            task,
+            deduplicated,
+            next: None,
+        }),
+    ))
 }
 
 /// Enqueue many tasks in one transaction.
@@ -170,35 +177,73 @@ pub(crate) async fn claim(
     Caller(p): Caller,
     Json(req): Json<ClaimRequest>,
 ) -> ApiResult<axum::Json<ClaimResponse>> {
+    let ask = claim_ask(&p, req, "")?;
+    let _slot = ask.long_poll_slot(&s, &p)?;
+    // Listen before claiming, so work that arrives in between wakes us.
+    let rx = s.bus.subscribe();
+    let first = s.store.claim_tasks(ask.spec.clone()).await?;
+    let tasks = wait_for_work(&s, &ask, rx, first).await?;
+    Ok(axum::Json(ClaimResponse { tasks }))
+}
+
+/// A checked claim request: what to claim, for whom, and how long to wait.
+struct ClaimAsk {
+    spec: ClaimSpec,
+    deadline: tokio::time::Instant,
+    wait_ms: u64,
+}
+
+impl ClaimAsk {
+    /// A long poll holds one of the token's slots while it waits.
+    fn long_poll_slot(
+        &self,
+        s: &AppState,
+        p: &Principal,
+    ) -> ApiResult<Option<crate::limits::Slot>> {
+        Ok(if self.wait_ms > 0 {
+            Some(s.limits.long_poll(&p.token_id)?)
+        } else {
+            None
+        })
+    }
+}
+
+/// Checks a claim request (`prefix` names its place: `claim_next.` within a
+/// completion) and that the caller is an instance that may claim.
+fn claim_ask(p: &Principal, req: ClaimRequest, prefix: &str) -> ApiResult<ClaimAsk> {
     let queues = if req.queues.is_empty() {
         vec!["default".to_string()]
     } else {
         req.queues
     };
     if queues.len() > 64 {
-        return Err(Error::bad_field("queues", "at most 64 queues").into());
+        return Err(Error::bad_field(&field(prefix, "queues"), "at most 64 queues").into());
     }
     for (i, q) in queues.iter().enumerate() {
-        task::validate_queue(&format!("queues[{i}]"), q)?;
+        task::validate_queue(&field(prefix, &format!("queues[{i}]")), q)?;
     }
     let max = req.max.unwrap_or(1);
     if !(1..=task::MAX_CLAIM).contains(&max) {
-        return Err(
-            Error::bad_field("max", format!("must be between 1 and {}", task::MAX_CLAIM)).into(),
-        );
+        return Err(Error::bad_field(
+            &field(prefix, "max"),
+            format!("must be between 1 and {}", task::MAX_CLAIM),
+        )
+        .into());
     }
     if let Some(l) = req.lease_ms {
-        task::validate_lease("lease_ms", l)?;
+        task::validate_lease(&field(prefix, "lease_ms"), l)?;
     }
     let wait_ms = req.wait_ms.unwrap_or(0);
     if wait_ms > MAX_WAIT_MS {
-        return Err(Error::bad_field("wait_ms", format!("at most {MAX_WAIT_MS}")).into());
+        return Err(
+            Error::bad_field(&field(prefix, "wait_ms"), format!("at most {MAX_WAIT_MS}")).into(),
+        );
     }
     let Some(me) = p.instance.clone() else {
         return Err(Error::forbidden("only an instance (session token) claims tasks").into());
     };
     authorize(
-        &p,
+        p,
         Action::TaskClaim,
         Target {
             entity: p.entity.as_deref(),
@@ -206,28 +251,34 @@ pub(crate) async fn claim(
         },
     )?;
     // Live, lease current and labelled: checked by the store inside the claim.
-    let spec = ClaimSpec {
-        instance: me,
-        queues,
-        max,
-        lease_ms: req.lease_ms,
-    };
-    let _slot = if wait_ms > 0 {
-        Some(s.limits.long_poll(&p.token_id)?)
-    } else {
-        None
-    };
-    // Listen before claiming, so work that arrives in between wakes us.
-    let mut rx = s.bus.subscribe();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    Ok(ClaimAsk {
+        spec: ClaimSpec {
+            instance: me,
+            queues,
+            max,
+            lease_ms: req.lease_ms,
+        },
+        deadline: tokio::time::Instant::now() + Duration::from_millis(wait_ms),
+        wait_ms,
+    })
+}
+
+/// The long poll after a first claim found `tasks` (`rx` subscribed before it):
+/// claims again on anything that can make a task claimable, until it finds some
+/// or the deadline passes.
+async fn wait_for_work(
+    s: &AppState,
+    ask: &ClaimAsk,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<crate::bus::BusEvent>>,
+    mut tasks: Vec<ClaimedTask>,
+) -> ApiResult<Vec<ClaimedTask>> {
     loop {
-        let tasks = s.store.claim_tasks(spec.clone()).await?;
-        if !tasks.is_empty() || tokio::time::Instant::now() >= deadline {
-            return Ok(axum::Json(ClaimResponse { tasks }));
+        if !tasks.is_empty() || tokio::time::Instant::now() >= ask.deadline {
+            return Ok(tasks);
         }
         // Wake on anything that can make a task claimable; re-check at least every
         // second for scheduled tasks and backoffs coming due.
-        let recheck = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+        let recheck = (tokio::time::Instant::now() + Duration::from_secs(1)).min(ask.deadline);
         loop {
             match tokio::time::timeout_at(recheck, rx.recv()).await {
                 Err(_) => break,
@@ -242,6 +293,7 @@ pub(crate) async fn claim(
                 },
             }
         }
+        tasks = s.store.claim_tasks(ask.spec.clone()).await?;
     }
 }
 
@@ -287,7 +339,8 @@ pub(crate) async fn heartbeat(
     }))
 }
 
-/// Complete a task with its current claim (409 stale_claim otherwise).
+/// Complete a task with its current claim (409 stale_claim otherwise); with
+/// `claim_next`, claim the caller's next task in the same transaction.
 #[utoipa::path(post, path = "/v1/tasks/{id}/complete", tag = "tasks", request_body = CompleteRequest,
     params(("id" = String, Path)), responses((status = 200, body = TaskEnvelope)))]
 pub(crate) async fn complete(
@@ -299,20 +352,41 @@ pub(crate) async fn complete(
     check_claim(&req.claim)?;
     json_size("result", &req.result, MAX_PAYLOAD_BYTES)?;
     authorize_work(&p)?;
-    let mut out = s
-        .store
-        .complete_tasks(vec![Completion {
-            id,
-            claim: req.claim,
-            result: req.result,
-        }])
-        .await?;
-    let task = out
-        .pop()
-        .ok_or_else(|| Error::internal("complete returned nothing"))??;
+    let done = Completion {
+        id,
+        claim: req.claim,
+        result: req.result,
+    };
+    let Some(next) = req.claim_next else {
+        let task = s
+            .store
+            .complete_tasks(vec![done])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::internal("complete returned nothing"))??;
+        return Ok(axum::Json(TaskEnvelope {
+            task,
+            deduplicated: false,
+            next: None,
+        }));
+    };
+    let ask = claim_ask(&p, next, "claim_next.")?;
+    let _slot = ask.long_poll_slot(&s, &p)?;
+    let rx = s.bus.subscribe();
+    let (task, first) = s.store.complete_and_claim(done, ask.spec.clone()).await?;
+    // The completion stands whatever the wait brings: a failed re-claim is
+    // answered as no task, not as an error that would hide it.
+    let next = match wait_for_work(&s, &ask, rx, first).await {
+        Ok(next) => next,
+        Err(e) => {
+            tracing::debug!("claim after completing {}: {e:?}", task.id);
+            Vec::new()
+        }
+    };
     Ok(axum::Json(TaskEnvelope {
         task,
         deduplicated: false,
+        next: Some(next),
     }))
 }
 
@@ -389,6 +463,7 @@ pub(crate) async fn fail(
     Ok(axum::Json(TaskEnvelope {
         task,
         deduplicated: false,
+        next: None,
     }))
 }
 
@@ -413,6 +488,7 @@ pub(crate) async fn cancel(
     Ok(axum::Json(TaskEnvelope {
         task,
         deduplicated: false,
+        next: None,
     }))
 }
 
@@ -433,6 +509,7 @@ pub(crate) async fn get(
     Ok(axum::Json(TaskEnvelope {
         task,
         deduplicated: false,
+        next: None,
     }))
 }
 

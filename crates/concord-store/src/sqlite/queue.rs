@@ -889,6 +889,22 @@ impl QueueStore for SqliteStore {
         Ok(outcomes(out.await?))
     }
 
+    async fn complete_and_claim(
+        &self,
+        done: Completion,
+        next: ClaimSpec,
+    ) -> Result<(Task, Vec<ClaimedTask>)> {
+        self.writer
+            .write(move |c, now| {
+                let task = complete(c, now, std::slice::from_ref(&done), true)?
+                    .pop()
+                    .ok_or_else(|| Error::internal("complete returned nothing"))??
+                    .ok_or_else(|| no_task(&done.id))?;
+                Ok((task, claim(c, now, &next)?))
+            })
+            .await
+    }
+
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
         let (id, claim, error) = (id.to_string(), claim.to_string(), error.to_string());
         self.writer

@@ -24,6 +24,7 @@ conformance!(
     task_heartbeat_extends_the_lease_and_records_progress,
     complete_one_by_one_and_in_batches,
     completing_for_outcomes_changes_and_announces_the_same,
+    complete_and_claim_is_both_or_neither,
     stale_claims_are_refused_and_change_nothing,
     failures_retry_with_backoff_then_die,
     cancel_stops_a_task_and_cascades_to_dependents,
@@ -731,6 +732,82 @@ async fn complete_one_by_one_and_in_batches(store: DynStore) {
     let stats = store.queue_stats().await.unwrap();
     assert_eq!((stats[0].completed, stats[0].running), (2, 1));
     assert_eq!(tasks.len(), 3);
+    assert_stats_match_tasks(&store).await;
+}
+
+/// A worker's loop in one transaction: the completion and the next claim land
+/// together, and when either is refused neither does.
+async fn complete_and_claim_is_both_or_neither(store: DynStore) {
+    let w = worker(&store, "w").await;
+    let tasks = enqueue(&store, vec![task("jobs"), task("jobs"), task("jobs")]).await;
+    let first = claim(&store, spec(&w, "jobs", 1)).await.remove(0);
+    assert_eq!(first.task.id, tasks[0].id);
+    let before = store.last_event_seq().await.unwrap();
+    let (done, next) = store
+        .complete_and_claim(completion(&first, json!("r1")), spec(&w, "jobs", 1))
+        .await
+        .unwrap();
+    assert_eq!(done.id, tasks[0].id);
+    assert_eq!(done.state, TaskState::Completed);
+    assert_eq!(done.result, Some(json!("r1")));
+    assert_eq!(next.len(), 1);
+    let second = next[0].clone();
+    assert_eq!(
+        second.task.id, tasks[1].id,
+        "the next in order, not the one completed"
+    );
+    assert_eq!(second.task.state, TaskState::Running);
+    assert_eq!(second.task.claimed_by.as_deref(), Some(w.as_str()));
+    assert_eq!(&get(&store, &second.task.id).await, &second.task);
+    let announced = task_events(&events_after(&store, before).await);
+    assert_eq!(announced.len(), 2, "{announced:?}");
+    assert!(announced.contains(&ev(topics::TASK_COMPLETED, one(&tasks[0].id, "completed"))));
+    assert!(announced
+        .iter()
+        .any(|(topic, _)| topic == topics::TASK_CLAIMED));
+
+    // A stale claim: nothing completes and nothing is claimed.
+    let before = store.last_event_seq().await.unwrap();
+    expect_err(
+        store
+            .complete_and_claim(completion(&first, json!("again")), spec(&w, "jobs", 1))
+            .await,
+        ErrorCode::StaleClaim,
+    );
+    assert_eq!(get(&store, &tasks[2].id).await, tasks[2], "still pending");
+    // A claimer that may not claim: the completion is undone with it.
+    expect_err(
+        store
+            .complete_and_claim(
+                completion(&second, json!("r2")),
+                spec("ins_nobody", "jobs", 1),
+            )
+            .await,
+        ErrorCode::UnknownInstance,
+    );
+    assert_eq!(
+        get(&store, &second.task.id).await,
+        second.task,
+        "still running, same claim"
+    );
+    assert_eq!(get(&store, &tasks[2].id).await, tasks[2]);
+    assert_eq!(
+        store.last_event_seq().await.unwrap(),
+        before,
+        "nothing announced"
+    );
+
+    // Nothing left to claim: the completion stands alone.
+    let (done, next) = store
+        .complete_and_claim(completion(&second, json!("r2")), spec(&w, "empty", 1))
+        .await
+        .unwrap();
+    assert_eq!((done.state, next.len()), (TaskState::Completed, 0));
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!(
+        (stats[0].completed, stats[0].running, stats[0].pending),
+        (2, 0, 1)
+    );
     assert_stats_match_tasks(&store).await;
 }
 

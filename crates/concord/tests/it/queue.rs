@@ -676,3 +676,84 @@ async fn cli_task_commands() {
     let human = hub.cli(&["queues"]);
     assert!(String::from_utf8_lossy(&human.stdout).contains("cliq"));
 }
+
+/// `claim_next` on complete: a worker's loop in one call. The completion and the
+/// next claim land together; a bad `claim_next` is refused naming its field and
+/// completes nothing; with `wait_ms` the call long-polls for the next task.
+#[tokio::test]
+async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
+    let hub = Hub::start();
+    let admin = hub.admin();
+    let (reg, w) = register(&admin, reg("workers", Role::Secondary, Some("w"))).await;
+    let a = admin.enqueue(&task("jobs", json!("a"))).await.unwrap().task;
+    let b = admin.enqueue(&task("jobs", json!("b"))).await.unwrap().task;
+    let first = w.claim(&["jobs"], 1, None, 0).await.unwrap().remove(0);
+    assert_eq!(first.task.id, a.id);
+
+    // Refused: the field is named, and the task is neither completed nor is
+    // another one claimed.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/tasks/{}/complete", hub.url, a.id))
+        .bearer_auth(&reg.session_token)
+        .json(&json!({"claim": first.claim, "claim_next": {"queues": ["jobs"], "max": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["details"]["field"], "claim_next.max");
+    assert_eq!(
+        admin.get_task(&a.id).await.unwrap().state,
+        TaskState::Running
+    );
+    assert_eq!(
+        admin.get_task(&b.id).await.unwrap().state,
+        TaskState::Pending
+    );
+
+    let (done, next) = w
+        .complete_and_claim(&a.id, &first.claim, json!("ra"), &["jobs"], None, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.id.as_str(), done.state),
+        (a.id.as_str(), TaskState::Completed)
+    );
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].task.id, b.id);
+    assert_eq!(
+        next[0].task.claimed_by.as_deref(),
+        Some(reg.instance.id.as_str())
+    );
+
+    // The queue is empty: the call waits for the next task, which arrives
+    // while (or before) it waits.
+    let waiting = {
+        let (w, id, claim) = (w.clone(), b.id.clone(), next[0].claim.clone());
+        tokio::spawn(async move {
+            w.complete_and_claim(&id, &claim, json!("rb"), &["jobs"], None, 10_000)
+                .await
+        })
+    };
+    let c = admin.enqueue(&task("jobs", json!("c"))).await.unwrap().task;
+    let (done, next) = waiting.await.unwrap().unwrap();
+    assert_eq!(done.state, TaskState::Completed);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].task.id, c.id);
+
+    // A stale claim completes nothing and claims nothing.
+    let d = admin.enqueue(&task("jobs", json!("d"))).await.unwrap().task;
+    let err = w
+        .complete_and_claim(&a.id, &first.claim, json!("again"), &["jobs"], None, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::StaleClaim);
+    assert_eq!(
+        admin.get_task(&d.id).await.unwrap().state,
+        TaskState::Pending
+    );
+    assert_eq!(
+        admin.get_task(&a.id).await.unwrap().result,
+        Some(json!("ra"))
+    );
+}

@@ -413,6 +413,20 @@ async fn heartbeat(t: &mut Tx<'_>, id: &str, claim: &str, progress: &Option<Valu
 /// Completes each item whose claim is current; with `read_back`, answers the
 /// completed task, else only that it completed (the row is locked and checked
 /// on its state and claim alone).
+async fn complete_and_claim(
+    t: &mut Tx<'_>,
+    done: &Completion,
+    next: &ClaimSpec,
+) -> R<(Task, Vec<ClaimedTask>)> {
+    let task = complete(t, std::slice::from_ref(done), true)
+        .await?
+        .pop()
+        .ok_or_else(|| Fail::Done(Error::internal("complete returned nothing")))?
+        .map_err(Fail::Done)?
+        .ok_or_else(|| Fail::Done(no_task(&done.id)))?;
+    Ok((task, claim(t, next).await?))
+}
+
 async fn complete(
     t: &mut Tx<'_>,
     items: &[Completion],
@@ -685,6 +699,14 @@ impl QueueStore for PostgresStore {
         Ok(outcomes(tx!(self, [items], |t| complete(
             t, &items, false
         ))?))
+    }
+
+    async fn complete_and_claim(
+        &self,
+        done: Completion,
+        next: ClaimSpec,
+    ) -> Result<(Task, Vec<ClaimedTask>)> {
+        tx!(self, [done, next], |t| complete_and_claim(t, &done, &next))
     }
 
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
