@@ -57,6 +57,17 @@ async def scenario():
         failed = ok(await tab.call_tool("fail_task", {"id": t2["id"], "claim": got2[0]["claim"], "error": "disk full"}), "fail_task")
         check(failed["state"] == "dead" and failed["error"] == "disk full", "out of attempts: dead", failed)
 
+        # complete_task with claim_next: the next task comes back with the completion.
+        t3 = ok(await lead.call_tool("submit_task", {"queue": "builds", "payload": 3}), "submit a third")["task"]
+        t4 = ok(await lead.call_tool("submit_task", {"queue": "builds", "payload": 4}), "submit a fourth")["task"]
+        got3 = ok(await tab.call_tool("claim_task", {"queues": ["builds"]}), "claim the third")["tasks"]
+        check([x["id"] for x in got3] == [t3["id"]], "claimed the third", got3)
+        both = ok(await tab.call_tool("complete_task", {"id": t3["id"], "claim": got3[0]["claim"], "result": 3, "claim_next": {"queues": ["builds"]}}), "complete and claim next")
+        check(both["state"] == "completed" and [x["id"] for x in both["next"]] == [t4["id"]], "completed the third and claimed the fourth", both)
+        bad = err(await tab.call_tool("complete_task", {"id": t4["id"], "claim": both["next"][0]["claim"], "claim_next": {"queues": ["builds"], "max": 0}}), "bad_request", "claim_next with max 0")
+        check(bad["details"]["field"] == "claim_next.max", "the hub names claim_next.max", bad)
+        ok(await tab.call_tool("complete_task", {"id": t4["id"], "claim": both["next"][0]["claim"]}), "complete the fourth")
+
         prim = ok(await tab.call_tool("get_primary", {}), "get_primary")
         check(prim["primary"]["id"] == a["instance"], "the lead is the primary", prim)
 

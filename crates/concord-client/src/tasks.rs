@@ -67,26 +67,21 @@ impl Client {
         .await
         .map(|e| e.task)
     }
-    /// Completes a task and claims the next in the same transaction (both or
-    /// neither), waiting up to `wait_ms` for one: a worker's loop in one call.
+    /// Completes a task and claims as `next` asks in the same transaction (both
+    /// or neither), then waits up to its `wait_ms` if that found nothing: a
+    /// worker's loop in one call.
     pub async fn complete_and_claim(
         &self,
         id: &str,
         claim: &str,
         result: Value,
-        queues: &[&str],
-        lease_ms: Option<i64>,
-        wait_ms: u64,
+        next: ClaimRequest,
     ) -> Result<(Task, Vec<ClaimedTask>)> {
+        let wait_ms = next.wait_ms.unwrap_or(0);
         let req = CompleteRequest {
             claim: claim.into(),
             result,
-            claim_next: Some(ClaimRequest {
-                queues: queues.iter().map(|q| q.to_string()).collect(),
-                max: Some(1),
-                lease_ms,
-                wait_ms: Some(wait_ms),
-            }),
+            claim_next: Some(next),
         };
         self.call_timeout::<_, TaskEnvelope>(
             Method::POST,

@@ -9,7 +9,7 @@
 
 use crate::Ctx;
 use concord_client::{pct, Method, SpoolKind};
-use concord_core::api::{Role, SendMessageRequest};
+use concord_core::api::{ClaimRequest, Role, SendMessageRequest};
 use concord_core::{Error, ErrorCode, Result};
 use futures::future::BoxFuture;
 use rmcp::model::{JsonObject, Tool, ToolAnnotations};
@@ -368,9 +368,25 @@ fn build() -> Vec<ToolDef> {
             "complete_task",
             Write,
             "Finish a task you claimed, with its `result`. Fails with stale_claim if your \
-             claim lapsed and the task went elsewhere.",
+             claim lapsed and the task went elsewhere. With `claim_next`, take your next \
+             task in the same step (both or neither): it comes back in `next`, with its claim.",
             |cx: Ctx, a: CompleteTask| async move {
-                to_value(cx.client().complete_task(&a.id, &a.claim, a.result).await?)
+                let Some(next) = a.claim_next else {
+                    return to_value(cx.client().complete_task(&a.id, &a.claim, a.result).await?);
+                };
+                let next = ClaimRequest {
+                    queues: next.queues,
+                    max: next.max,
+                    lease_ms: next.lease_ms,
+                    wait_ms: next.wait_ms,
+                };
+                let (task, claimed) = cx
+                    .client()
+                    .complete_and_claim(&a.id, &a.claim, a.result, next)
+                    .await?;
+                let mut out = to_value(task)?;
+                out["next"] = to_value(claimed)?;
+                Ok(out)
             },
         ),
         tool(
@@ -819,6 +835,9 @@ pub struct CompleteTask {
     /// Any JSON value: the task's result.
     #[serde(default)]
     pub result: Value,
+    /// Also claim your next task from these queues, as claim_task would.
+    #[serde(default)]
+    pub claim_next: Option<ClaimTask>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -929,7 +929,7 @@ async fn heartbeat(admin: &Client, url: &str, args: &BenchArgs, backend: &str) -
 /// up to `batch`, complete what it claimed. Latency is per cycle (two calls, or
 /// three with batches); throughput counts completed tasks.
 async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) -> Result<Report> {
-    use concord_core::api::{CompleteItem, EnqueueRequest};
+    use concord_core::api::{ClaimRequest, CompleteItem, EnqueueRequest};
     let payload = serde_json::json!({ "blob": "x".repeat(1000) });
     let queue_name = format!("bench-{}", std::process::id());
     let conc = args.concurrency.max(1);
@@ -993,9 +993,12 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
                                 &t.task.id,
                                 &t.claim,
                                 serde_json::json!(1),
-                                &[queue_name.as_str()],
-                                Some(60_000),
-                                0,
+                                ClaimRequest {
+                                    queues: vec![queue_name.clone()],
+                                    max: Some(1),
+                                    lease_ms: Some(60_000),
+                                    wait_ms: None,
+                                },
                             )
                             .await?;
                         held = next.pop();

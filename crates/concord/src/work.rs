@@ -16,7 +16,7 @@ use crate::cli::{e, Conn};
 use anyhow::{anyhow, Result};
 use clap::Args;
 use concord_client::Client;
-use concord_core::api::{ClaimedTask, RegisterInstanceRequest};
+use concord_core::api::{ClaimRequest, ClaimedTask, RegisterInstanceRequest};
 use concord_core::ErrorCode;
 use serde_json::Value;
 use std::process::Stdio;
@@ -260,9 +260,12 @@ async fn run_task(
                         &t.task.id,
                         &t.claim,
                         result.clone(),
-                        queues,
-                        Some(args.lease_ms),
-                        0,
+                        ClaimRequest {
+                            queues: queues.iter().map(|q| q.to_string()).collect(),
+                            max: Some(1),
+                            lease_ms: Some(args.lease_ms),
+                            wait_ms: None,
+                        },
                     )
                     .await,
                 ),

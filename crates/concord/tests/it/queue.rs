@@ -1,6 +1,8 @@
 use crate::harness::*;
 use concord_client::Client;
-use concord_core::api::{CompleteItem, EnqueueRequest, PutScheduleRequest, Role, TaskState};
+use concord_core::api::{
+    ClaimRequest, CompleteItem, EnqueueRequest, PutScheduleRequest, Role, TaskState,
+};
 use concord_core::ErrorCode;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -677,6 +679,15 @@ async fn cli_task_commands() {
     assert!(String::from_utf8_lossy(&human.stdout).contains("cliq"));
 }
 
+fn next_in(queue: &str, wait_ms: u64) -> ClaimRequest {
+    ClaimRequest {
+        queues: vec![queue.into()],
+        max: Some(1),
+        lease_ms: None,
+        wait_ms: Some(wait_ms),
+    }
+}
+
 /// `claim_next` on complete: a worker's loop in one call. The completion and the
 /// next claim land together; a bad `claim_next` is refused naming its field and
 /// completes nothing; with `wait_ms` the call long-polls for the next task.
@@ -712,7 +723,7 @@ async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
     );
 
     let (done, next) = w
-        .complete_and_claim(&a.id, &first.claim, json!("ra"), &["jobs"], None, 0)
+        .complete_and_claim(&a.id, &first.claim, json!("ra"), next_in("jobs", 0))
         .await
         .unwrap();
     assert_eq!(
@@ -731,7 +742,7 @@ async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
     let waiting = {
         let (w, id, claim) = (w.clone(), b.id.clone(), next[0].claim.clone());
         tokio::spawn(async move {
-            w.complete_and_claim(&id, &claim, json!("rb"), &["jobs"], None, 10_000)
+            w.complete_and_claim(&id, &claim, json!("rb"), next_in("jobs", 10_000))
                 .await
         })
     };
@@ -744,7 +755,7 @@ async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
     // A stale claim completes nothing and claims nothing.
     let d = admin.enqueue(&task("jobs", json!("d"))).await.unwrap().task;
     let err = w
-        .complete_and_claim(&a.id, &first.claim, json!("again"), &["jobs"], None, 0)
+        .complete_and_claim(&a.id, &first.claim, json!("again"), next_in("jobs", 0))
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::StaleClaim);
