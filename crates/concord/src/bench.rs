@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 pub enum Suite {
     /// Heartbeats from many live instances (DESIGN §10: ≥ 20,000/s, p99 < 5 ms for 10,000).
     Heartbeat,
-    /// Enqueue, claim, complete with single-item calls, 1 KiB payloads (≥ 10,000 tasks/s).
+    /// Enqueue, claim, complete with single-item calls, 1 KiB payloads (≥ 10,000 tasks/s):
+    /// a worker enqueues, then completes its task and claims the next in one call.
     Queue,
     /// The same cycle with batch calls of 100 (≥ 50,000 tasks/s).
     QueueBatch,
@@ -477,11 +478,13 @@ async fn baselines(args: &BenchArgs, suite: Suite) -> Vec<Report> {
     let (c, d) = (args.concurrency, args.duration);
     let found = match suite {
         Suite::Queue => vec![
+            concord_on_postgres(args, suite).await,
             b::pg_queue(&args.baseline_postgres, c, d, 1).await,
             b::redis_queue(&args.baseline_redis, c, d, 1).await,
         ],
         Suite::QueueBatch => {
             vec![
+                concord_on_postgres(args, suite).await,
                 b::pg_queue(&args.baseline_postgres, c, d, 100).await,
                 b::redis_queue(&args.baseline_redis, c, d, 100).await,
             ]
@@ -509,6 +512,24 @@ async fn baselines(args: &BenchArgs, suite: Suite) -> Vec<Report> {
             ..r
         })
         .collect()
+}
+
+/// The same suite on an embedded hub whose store is the baseline's PostgreSQL
+/// (the backend of a fleet with several hub replicas), beside the plain queue on
+/// that database; only when the main run is an embedded SQLite hub.
+async fn concord_on_postgres(args: &BenchArgs, suite: Suite) -> Option<Report> {
+    const SYSTEM: &str = "concord-postgres";
+    if args.hub.is_some() || args.database.is_some() {
+        return None;
+    }
+    let on_pg = BenchArgs {
+        database: Some(args.baseline_postgres.clone()),
+        ..args.clone()
+    };
+    match concord_suite(&on_pg, suite).await {
+        Ok(r) => Some(r.named(SYSTEM)),
+        Err(e) => crate::baselines::skipped(SYSTEM, e),
+    }
 }
 
 pub const EVENT_SUBSCRIBERS: usize = 100;

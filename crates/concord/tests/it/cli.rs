@@ -130,5 +130,22 @@ async fn bench_suites_smoke() {
             .unwrap()
             .get(0);
         assert_eq!(left, 0, "the queue baseline left bench_pgq_{pid} behind");
+        // Concord itself on PostgreSQL runs beside it, and drops its schemas too.
+        assert!(
+            text.contains("concord-postgres"),
+            "no concord-postgres line in:\n{text}"
+        );
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE $1",
+                &[&format!("bench\\_{pid}\\_%")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            left, 0,
+            "concord-postgres left a bench_{pid}_* schema behind"
+        );
     }
 }
