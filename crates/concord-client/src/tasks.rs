@@ -93,9 +93,37 @@ impl Client {
         .map(|e| (e.task, e.next.unwrap_or_default()))
     }
     pub async fn complete_batch(&self, items: Vec<CompleteItem>) -> Result<Vec<ItemOutcome>> {
-        self.post::<_, CompleteBatchResponse>("/v1/tasks/complete", &CompleteBatchRequest { items })
-            .await
-            .map(|r| r.results)
+        self.post::<_, CompleteBatchResponse>(
+            "/v1/tasks/complete",
+            &CompleteBatchRequest {
+                items,
+                claim_next: None,
+            },
+        )
+        .await
+        .map(|r| r.results)
+    }
+    /// Completes many tasks and claims as `next` asks in the same transaction
+    /// (each item keeps its own outcome), then waits up to its `wait_ms` if that
+    /// found nothing: a batch worker's loop in one call.
+    pub async fn complete_batch_and_claim(
+        &self,
+        items: Vec<CompleteItem>,
+        next: ClaimRequest,
+    ) -> Result<(Vec<ItemOutcome>, Vec<ClaimedTask>)> {
+        let wait_ms = next.wait_ms.unwrap_or(0);
+        let req = CompleteBatchRequest {
+            items,
+            claim_next: Some(next),
+        };
+        self.call_timeout::<_, CompleteBatchResponse>(
+            Method::POST,
+            "/v1/tasks/complete",
+            Some(&req),
+            Duration::from_millis(wait_ms + 30_000),
+        )
+        .await
+        .map(|r| (r.results, r.next.unwrap_or_default()))
     }
     pub async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
         let req = FailRequest {

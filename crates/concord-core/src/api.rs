@@ -661,6 +661,11 @@ pub struct CompleteItem {
 #[serde(deny_unknown_fields)]
 pub struct CompleteBatchRequest {
     pub items: Vec<CompleteItem>,
+    /// Also claim the caller's next tasks, in the same transaction as the
+    /// completions (each item keeps its own outcome; a refused claim changes
+    /// nothing); they come back in the answer's `next`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_next: Option<ClaimRequest>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -675,6 +680,9 @@ pub struct ItemOutcome {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CompleteBatchResponse {
     pub results: Vec<ItemOutcome>,
+    /// Only with `claim_next`: the tasks it claimed (possibly none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Vec<ClaimedTask>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Default)]

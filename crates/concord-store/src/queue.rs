@@ -92,6 +92,13 @@ pub trait QueueStore: Send + Sync {
         done: Completion,
         next: ClaimSpec,
     ) -> Result<(Task, Vec<ClaimedTask>)>;
+    /// `complete_outcomes` and a claim as `next` says, in one transaction: each
+    /// item has its own outcome, as in the batch; a refused claim changes nothing.
+    async fn complete_outcomes_and_claim(
+        &self,
+        items: Vec<Completion>,
+        next: ClaimSpec,
+    ) -> Result<(Vec<Result<()>>, Vec<ClaimedTask>)>;
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task>;
     /// Cancels a task that has not finished; a running task's claim becomes stale.
     async fn cancel_task(&self, id: &str, by: &str) -> Result<Task>;

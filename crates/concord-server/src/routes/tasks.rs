@@ -390,7 +390,8 @@ pub(crate) async fn complete(
     }))
 }
 
-/// Complete many tasks; one outcome per item.
+/// Complete many tasks; one outcome per item. With `claim_next`, claim the
+/// caller's next tasks in the same transaction.
 #[utoipa::path(post, path = "/v1/tasks/complete", tag = "tasks", request_body = CompleteBatchRequest,
     responses((status = 200, body = CompleteBatchResponse)))]
 pub(crate) async fn complete_batch(
@@ -412,6 +413,10 @@ pub(crate) async fn complete_batch(
         json_size(&format!("items[{i}].result"), &it.result, MAX_PAYLOAD_BYTES)?;
     }
     authorize_work(&p)?;
+    let ask = match req.claim_next {
+        Some(next) => Some(claim_ask(&p, next, "claim_next.")?),
+        None => None,
+    };
     let ids: Vec<String> = req.items.iter().map(|i| i.id.clone()).collect();
     let items = req
         .items
@@ -422,7 +427,23 @@ pub(crate) async fn complete_batch(
             result: i.result,
         })
         .collect();
-    let out = s.store.complete_outcomes(items).await?;
+    let (out, next) = match &ask {
+        None => (s.store.complete_outcomes(items).await?, None),
+        Some(ask) => {
+            let _slot = ask.long_poll_slot(&s, &p)?;
+            let rx = s.bus.subscribe();
+            let (out, first) = s
+                .store
+                .complete_outcomes_and_claim(items, ask.spec.clone())
+                .await?;
+            // As with one completion: the outcomes stand whatever the wait brings.
+            let next = wait_for_work(&s, ask, rx, first).await.unwrap_or_else(|e| {
+                tracing::debug!("claim after a batch completion: {e:?}");
+                Vec::new()
+            });
+            (out, Some(next))
+        }
+    };
     let results = ids
         .into_iter()
         .zip(out)
@@ -439,7 +460,7 @@ pub(crate) async fn complete_batch(
             },
         })
         .collect();
-    Ok(axum::Json(CompleteBatchResponse { results }))
+    Ok(axum::Json(CompleteBatchResponse { results, next }))
 }
 
 /// Fail a task: retried after backoff while attempts remain (and `retry`), else dead.

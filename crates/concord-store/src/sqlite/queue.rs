@@ -905,6 +905,19 @@ impl QueueStore for SqliteStore {
             .await
     }
 
+    async fn complete_outcomes_and_claim(
+        &self,
+        items: Vec<Completion>,
+        next: ClaimSpec,
+    ) -> Result<(Vec<Result<()>>, Vec<ClaimedTask>)> {
+        self.writer
+            .write(move |c, now| {
+                let done = complete(c, now, &items, false)?;
+                Ok((outcomes(done), claim(c, now, &next)?))
+            })
+            .await
+    }
+
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
         let (id, claim, error) = (id.to_string(), claim.to_string(), error.to_string());
         self.writer

@@ -25,6 +25,7 @@ conformance!(
     complete_one_by_one_and_in_batches,
     completing_for_outcomes_changes_and_announces_the_same,
     complete_and_claim_is_both_or_neither,
+    a_batch_completion_claims_the_next_in_the_same_transaction,
     stale_claims_are_refused_and_change_nothing,
     failures_retry_with_backoff_then_die,
     cancel_stops_a_task_and_cascades_to_dependents,
@@ -807,6 +808,63 @@ async fn complete_and_claim_is_both_or_neither(store: DynStore) {
     assert_eq!(
         (stats[0].completed, stats[0].running, stats[0].pending),
         (2, 0, 1)
+    );
+    assert_stats_match_tasks(&store).await;
+}
+
+/// The batch form: each item keeps its own outcome, the claim lands with them,
+/// and a refused claim undoes the completions too.
+async fn a_batch_completion_claims_the_next_in_the_same_transaction(store: DynStore) {
+    let w = worker(&store, "w").await;
+    let tasks = enqueue(&store, (0..4).map(|_| task("jobs")).collect()).await;
+    let got = claim(&store, spec(&w, "jobs", 2)).await;
+    assert_eq!(got.len(), 2);
+    // A refused claim: nothing completes.
+    let before = store.last_event_seq().await.unwrap();
+    expect_err(
+        store
+            .complete_outcomes_and_claim(
+                vec![completion(&got[0], json!(1))],
+                spec("ins_nobody", "jobs", 2),
+            )
+            .await,
+        ErrorCode::UnknownInstance,
+    );
+    assert_eq!(get(&store, &got[0].task.id).await, got[0].task);
+    assert_eq!(
+        store.last_event_seq().await.unwrap(),
+        before,
+        "nothing announced"
+    );
+    // One good item, one stale: the good one completes, the next two are claimed.
+    let stale = Completion {
+        claim: "clm_stale".into(),
+        ..completion(&got[1], json!(2))
+    };
+    let (out, next) = store
+        .complete_outcomes_and_claim(
+            vec![completion(&got[0], json!(1)), stale],
+            spec(&w, "jobs", 2),
+        )
+        .await
+        .unwrap();
+    assert!(out[0].is_ok());
+    assert_eq!(out[1].as_ref().unwrap_err().code, ErrorCode::StaleClaim);
+    assert_eq!(
+        get(&store, &got[0].task.id).await.state,
+        TaskState::Completed
+    );
+    assert_eq!(
+        get(&store, &got[1].task.id).await,
+        got[1].task,
+        "still running"
+    );
+    let ids: Vec<&str> = next.iter().map(|t| t.task.id.as_str()).collect();
+    assert_eq!(ids, [tasks[2].id.as_str(), tasks[3].id.as_str()]);
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!(
+        (stats[0].completed, stats[0].running, stats[0].pending),
+        (1, 3, 0)
     );
     assert_stats_match_tasks(&store).await;
 }

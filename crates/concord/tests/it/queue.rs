@@ -679,10 +679,10 @@ async fn cli_task_commands() {
     assert!(String::from_utf8_lossy(&human.stdout).contains("cliq"));
 }
 
-fn next_in(queue: &str, wait_ms: u64) -> ClaimRequest {
+fn next_in(queue: &str, max: u32, wait_ms: u64) -> ClaimRequest {
     ClaimRequest {
         queues: vec![queue.into()],
-        max: Some(1),
+        max: Some(max),
         lease_ms: None,
         wait_ms: Some(wait_ms),
     }
@@ -723,7 +723,7 @@ async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
     );
 
     let (done, next) = w
-        .complete_and_claim(&a.id, &first.claim, json!("ra"), next_in("jobs", 0))
+        .complete_and_claim(&a.id, &first.claim, json!("ra"), next_in("jobs", 1, 0))
         .await
         .unwrap();
     assert_eq!(
@@ -742,7 +742,7 @@ async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
     let waiting = {
         let (w, id, claim) = (w.clone(), b.id.clone(), next[0].claim.clone());
         tokio::spawn(async move {
-            w.complete_and_claim(&id, &claim, json!("rb"), next_in("jobs", 10_000))
+            w.complete_and_claim(&id, &claim, json!("rb"), next_in("jobs", 1, 10_000))
                 .await
         })
     };
@@ -755,7 +755,7 @@ async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
     // A stale claim completes nothing and claims nothing.
     let d = admin.enqueue(&task("jobs", json!("d"))).await.unwrap().task;
     let err = w
-        .complete_and_claim(&a.id, &first.claim, json!("again"), next_in("jobs", 0))
+        .complete_and_claim(&a.id, &first.claim, json!("again"), next_in("jobs", 1, 0))
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::StaleClaim);
@@ -767,4 +767,58 @@ async fn complete_with_claim_next_runs_a_worker_loop_in_one_call() {
         admin.get_task(&a.id).await.unwrap().result,
         Some(json!("ra"))
     );
+}
+
+/// The batch completion takes `claim_next` too: each item keeps its outcome, the
+/// next tasks come back in `next`, and a bad `claim_next` completes nothing.
+#[tokio::test]
+async fn a_batch_completion_with_claim_next_returns_the_next_batch() {
+    let hub = Hub::start();
+    let admin = hub.admin();
+    let (reg, w) = register(&admin, reg("workers", Role::Secondary, Some("w"))).await;
+    for i in 0..4 {
+        admin.enqueue(&task("jobs", json!(i))).await.unwrap();
+    }
+    let got = w.claim(&["jobs"], 2, None, 0).await.unwrap();
+    let items = |claims: &[concord_core::api::ClaimedTask]| -> Vec<CompleteItem> {
+        claims
+            .iter()
+            .map(|t| CompleteItem {
+                id: t.task.id.clone(),
+                claim: t.claim.clone(),
+                result: json!("ok"),
+            })
+            .collect()
+    };
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/tasks/complete", hub.url))
+        .bearer_auth(&reg.session_token)
+        .json(&json!({"items": items(&got), "claim_next": {"queues": ["bad queue"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["details"]["field"], "claim_next.queues[0]");
+    assert_eq!(
+        admin.get_task(&got[0].task.id).await.unwrap().state,
+        TaskState::Running
+    );
+
+    let (outcomes, next) = w
+        .complete_batch_and_claim(items(&got), next_in("jobs", 2, 0))
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(|o| o.ok == Some(true)), "{outcomes:?}");
+    assert_eq!(next.len(), 2);
+    assert!(next
+        .iter()
+        .all(|t| !got.iter().any(|g| g.task.id == t.task.id)));
+    let (_, last) = w
+        .complete_batch_and_claim(items(&next), next_in("jobs", 2, 0))
+        .await
+        .unwrap();
+    assert!(last.is_empty(), "all four done: {last:?}");
+    let q = admin.queues().await.unwrap();
+    assert_eq!((q[0].completed, q[0].running, q[0].pending), (4, 0, 0));
 }

@@ -709,6 +709,17 @@ impl QueueStore for PostgresStore {
         tx!(self, [done, next], |t| complete_and_claim(t, &done, &next))
     }
 
+    async fn complete_outcomes_and_claim(
+        &self,
+        items: Vec<Completion>,
+        next: ClaimSpec,
+    ) -> Result<(Vec<Result<()>>, Vec<ClaimedTask>)> {
+        tx!(self, [items, next], |t| async {
+            let done = complete(t, &items, false).await?;
+            Ok((outcomes(done), claim(t, &next).await?))
+        })
+    }
+
     async fn fail_task(&self, id: &str, claim: &str, error: &str, retry: bool) -> Result<Task> {
         let (id, claim, error) = (id.to_string(), claim.to_string(), error.to_string());
         tx!(self, [id, claim, error], |t| fail(
