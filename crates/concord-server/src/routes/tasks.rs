@@ -178,12 +178,9 @@ pub(crate) async fn claim(
     Json(req): Json<ClaimRequest>,
 ) -> ApiResult<axum::Json<ClaimResponse>> {
     let ask = claim_ask(&p, req, "")?;
-    let _slot = ask.long_poll_slot(&s, &p)?;
-    // Listen before claiming, so work that arrives in between wakes us.
-    let rx = s.bus.subscribe();
-    let first = s.store.claim_tasks(ask.spec.clone()).await?;
-    let tasks = wait_for_work(&s, &ask, rx, first).await?;
-    Ok(axum::Json(ClaimResponse { tasks }))
+    let first = async { Ok(((), s.store.claim_tasks(ask.spec.clone()).await?)) };
+    let ((), tasks) = ask.claim(&s, &p, first).await?;
+    Ok(axum::Json(ClaimResponse { tasks: tasks? }))
 }
 
 /// A checked claim request: what to claim, for whom, and how long to wait.
@@ -194,18 +191,36 @@ struct ClaimAsk {
 }
 
 impl ClaimAsk {
-    /// A long poll holds one of the token's slots while it waits.
-    fn long_poll_slot(
+    /// Runs `first` (an operation whose last step is this claim), then long-polls
+    /// while it claimed nothing. The outer error is `first`'s: it changed
+    /// nothing; the inner one is a later claim's, after `first` committed.
+    async fn claim<T>(
         &self,
         s: &AppState,
         p: &Principal,
-    ) -> ApiResult<Option<crate::limits::Slot>> {
-        Ok(if self.wait_ms > 0 {
+        first: impl std::future::Future<Output = concord_core::Result<(T, Vec<ClaimedTask>)>>,
+    ) -> ApiResult<(T, ApiResult<Vec<ClaimedTask>>)> {
+        // A long poll holds one of the token's slots while it waits.
+        let _slot = if self.wait_ms > 0 {
             Some(s.limits.long_poll(&p.token_id)?)
         } else {
             None
-        })
+        };
+        // Listen before claiming, so work that arrives in between wakes us.
+        let rx = s.bus.subscribe();
+        let (done, tasks) = first.await?;
+        Ok((done, wait_for_work(s, self, rx, tasks).await))
     }
+}
+
+/// What a completion answers in `next`: it stands whatever the wait after it
+/// brings, so a failed re-claim is answered as no task, not as an error that
+/// would hide the completion.
+fn next_after_completion(next: ApiResult<Vec<ClaimedTask>>) -> Vec<ClaimedTask> {
+    next.unwrap_or_else(|e| {
+        tracing::debug!("claim after a completion: {e:?}");
+        Vec::new()
+    })
 }
 
 /// Checks a claim request (`prefix` names its place: `claim_next.` within a
@@ -371,22 +386,12 @@ pub(crate) async fn complete(
         }));
     };
     let ask = claim_ask(&p, next, "claim_next.")?;
-    let _slot = ask.long_poll_slot(&s, &p)?;
-    let rx = s.bus.subscribe();
-    let (task, first) = s.store.complete_and_claim(done, ask.spec.clone()).await?;
-    // The completion stands whatever the wait brings: a failed re-claim is
-    // answered as no task, not as an error that would hide it.
-    let next = match wait_for_work(&s, &ask, rx, first).await {
-        Ok(next) => next,
-        Err(e) => {
-            tracing::debug!("claim after completing {}: {e:?}", task.id);
-            Vec::new()
-        }
-    };
+    let first = s.store.complete_and_claim(done, ask.spec.clone());
+    let (task, next) = ask.claim(&s, &p, first).await?;
     Ok(axum::Json(TaskEnvelope {
         task,
         deduplicated: false,
-        next: Some(next),
+        next: Some(next_after_completion(next)),
     }))
 }
 
@@ -430,18 +435,9 @@ pub(crate) async fn complete_batch(
     let (out, next) = match &ask {
         None => (s.store.complete_outcomes(items).await?, None),
         Some(ask) => {
-            let _slot = ask.long_poll_slot(&s, &p)?;
-            let rx = s.bus.subscribe();
-            let (out, first) = s
-                .store
-                .complete_outcomes_and_claim(items, ask.spec.clone())
-                .await?;
-            // As with one completion: the outcomes stand whatever the wait brings.
-            let next = wait_for_work(&s, ask, rx, first).await.unwrap_or_else(|e| {
-                tracing::debug!("claim after a batch completion: {e:?}");
-                Vec::new()
-            });
-            (out, Some(next))
+            let first = s.store.complete_outcomes_and_claim(items, ask.spec.clone());
+            let (out, next) = ask.claim(&s, &p, first).await?;
+            (out, Some(next_after_completion(next)))
         }
     };
     let results = ids
