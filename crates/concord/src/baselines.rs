@@ -213,6 +213,13 @@ pub async fn redis_queue(addr: &str, conc: usize, secs: u64, batch: usize) -> Op
                 .map(|_| vec![&b"RPUSH"[..], key.as_bytes(), &payload[..]])
                 .collect();
             c.pipeline(&push).await?;
+            let mv: Vec<&[u8]> = vec![
+                &b"LMOVE"[..],
+                key.as_bytes(),
+                proc_key.as_bytes(),
+                b"LEFT",
+                b"RIGHT",
+            ];
             if batch == 1 {
                 // Concord's worker loop: one round trip removes the item held
                 // from the processing list and moves the next one there.
@@ -221,35 +228,18 @@ pub async fn redis_queue(addr: &str, conc: usize, secs: u64, batch: usize) -> Op
                     .lock()
                     .map_err(|_| anyhow!("worker state poisoned"))?
                     .take();
-                let mv = vec![
-                    &b"LMOVE"[..],
-                    key.as_bytes(),
-                    proc_key.as_bytes(),
-                    b"LEFT",
-                    b"RIGHT",
-                ];
                 let mut step = Vec::new();
                 if let Some(item) = &before {
                     step.push(vec![&b"LREM"[..], proc_key.as_bytes(), b"1", &item[..]]);
                 }
-                step.push(mv);
+                step.push(mv.clone());
                 let next = c.pipeline(&step).await?.pop().flatten();
                 *mine.lock().map_err(|_| anyhow!("worker state poisoned"))? = next;
                 REDIS.put(w, c);
                 return Ok(u64::from(before.is_some()));
             }
-            let mv: Vec<Vec<&[u8]>> = (0..batch)
-                .map(|_| {
-                    vec![
-                        &b"LMOVE"[..],
-                        key.as_bytes(),
-                        proc_key.as_bytes(),
-                        b"LEFT",
-                        b"RIGHT",
-                    ]
-                })
-                .collect();
-            let got = c.pipeline(&mv).await?;
+            let moves: Vec<Vec<&[u8]>> = (0..batch).map(|_| mv.clone()).collect();
+            let got = c.pipeline(&moves).await?;
             let items: Vec<Vec<u8>> = got.into_iter().flatten().collect();
             let rem: Vec<Vec<&[u8]>> = items
                 .iter()

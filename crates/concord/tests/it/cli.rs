@@ -121,31 +121,29 @@ async fn bench_suites_smoke() {
             .await
             .unwrap();
         tokio::spawn(conn);
-        let left: i64 = client
-            .query_one(
-                "SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1",
-                &[&format!("bench_pgq_{pid}")],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let left = schemas_like(&client, &format!("bench\\_pgq\\_{pid}")).await;
         assert_eq!(left, 0, "the queue baseline left bench_pgq_{pid} behind");
         // Concord itself on PostgreSQL runs beside it, and drops its schemas too.
         assert!(
             text.contains("concord-postgres"),
             "no concord-postgres line in:\n{text}"
         );
-        let left: i64 = client
-            .query_one(
-                "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE $1",
-                &[&format!("bench\\_{pid}\\_%")],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let left = schemas_like(&client, &format!("bench\\_{pid}\\_%")).await;
         assert_eq!(
             left, 0,
             "concord-postgres left a bench_{pid}_* schema behind"
         );
     }
+}
+
+/// How many schemas match a LIKE pattern.
+async fn schemas_like(client: &tokio_postgres::Client, pattern: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
