@@ -180,23 +180,13 @@ pub struct Instance {
 impl Instance {
     /// Secondaries and forks must say what they are for; one that does not is a ghost.
     pub fn is_unlabeled(&self) -> bool {
-        self.label
-            .as_deref()
-            .map(str::trim)
-            .unwrap_or("")
-            .is_empty()
+        is_unlabeled(self.label.as_deref())
     }
 
     /// The ghost rule: an unlabelled secondary or fork may not write shared state
     /// until it says what it is for. A primary needs no label.
     pub fn refuse_ghost(&self) -> Result<(), crate::Error> {
-        if self.role != Role::Primary && self.is_unlabeled() {
-            let id = &self.id;
-            return Err(crate::Error::forbidden(format!(
-                "instance {id} has no label: it is a ghost until labelled (PATCH /v1/instances/{id} {{\"label\": …}})"
-            )));
-        }
-        Ok(())
+        refuse_ghost(&self.id, self.role, self.label.as_deref())
     }
 
     /// Whether this instance may write shared state as itself: it is live (an
@@ -204,11 +194,37 @@ impl Instance {
     /// inside the write's own transaction where they can (enqueue, claim), so an
     /// instance that ends or is demoted meanwhile cannot slip one more write in.
     pub fn refuse_unless_writer(&self) -> Result<(), crate::Error> {
-        if self.state != InstanceState::Live {
-            return Err(crate::Error::unknown_instance(&self.id));
-        }
-        self.refuse_ghost()
+        refuse_unless_writer(&self.id, self.state, self.role, self.label.as_deref())
     }
+}
+
+/// `Instance::is_unlabeled` on the label alone.
+pub fn is_unlabeled(label: Option<&str>) -> bool {
+    label.map(str::trim).unwrap_or("").is_empty()
+}
+
+/// `Instance::refuse_ghost` on the fields it reads, for a store that reads only
+/// those (the SQLite writer's hot paths do).
+pub fn refuse_ghost(id: &str, role: Role, label: Option<&str>) -> Result<(), crate::Error> {
+    if role != Role::Primary && is_unlabeled(label) {
+        return Err(crate::Error::forbidden(format!(
+            "instance {id} has no label: it is a ghost until labelled (PATCH /v1/instances/{id} {{\"label\": …}})"
+        )));
+    }
+    Ok(())
+}
+
+/// `Instance::refuse_unless_writer` on the fields it reads.
+pub fn refuse_unless_writer(
+    id: &str,
+    state: InstanceState,
+    role: Role,
+    label: Option<&str>,
+) -> Result<(), crate::Error> {
+    if state != InstanceState::Live {
+        return Err(crate::Error::unknown_instance(id));
+    }
+    refuse_ghost(id, role, label)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -1,7 +1,7 @@
 //! The SQLite side of dispatch records.
 
 use super::ops::append_event;
-use super::queue::{enqueue, finish_unsuccessfully, json_col, load};
+use super::queue::{enqueue, finish_unsuccessfully, json_col, load, Serialized};
 use super::{db_err, SqliteStore};
 use crate::dispatch::*;
 use crate::model::topics;
@@ -20,7 +20,7 @@ fn add_peers(
     source: &EventSource,
 ) -> Result<()> {
     let tasks: Vec<NewTask> = peers.iter().map(|(_, t)| t.clone()).collect();
-    let created = enqueue(c, now, tasks, source)?;
+    let created = enqueue(c, now, Serialized::new(tasks), source)?;
     for ((instance, _), (task, _)) in peers.iter().zip(created) {
         c.prepare_cached("INSERT OR IGNORE INTO dispatch_peers (dispatch, instance, task, added_at) VALUES (?1, ?2, ?3, ?4)")
             .and_then(|mut s| s.execute(params![id, instance, task.id, now]))

@@ -99,6 +99,64 @@ pub(crate) fn get_instance(c: &Connection, id: &str) -> Result<Option<Instance>>
     .map_err(db_err)
 }
 
+/// What a write made as an instance needs of its row: who it is, its
+/// capabilities as stored (JSON), and whether it may write. A narrow read for
+/// the queue's hot paths (every enqueue and claim): `get_instance` also decodes
+/// the metadata and the capabilities, which they do not use.
+pub(crate) struct Actor {
+    pub(crate) id: String,
+    pub(crate) entity: String,
+    pub(crate) capabilities_json: String,
+    pub(crate) lease_until: i64,
+    state: InstanceState,
+    role: Role,
+    label: Option<String>,
+}
+
+impl Actor {
+    /// See `Instance::refuse_ghost`.
+    pub(crate) fn refuse_ghost(&self) -> Result<()> {
+        concord_core::api::refuse_ghost(&self.id, self.role, self.label.as_deref())
+    }
+
+    /// See `Instance::refuse_unless_writer`.
+    pub(crate) fn refuse_unless_writer(&self) -> Result<()> {
+        concord_core::api::refuse_unless_writer(
+            &self.id,
+            self.state,
+            self.role,
+            self.label.as_deref(),
+        )
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.state == InstanceState::Live
+    }
+}
+
+pub(crate) fn get_actor(c: &Connection, id: &str) -> Result<Option<Actor>> {
+    c.prepare_cached(
+        "SELECT entity, role, label, state, capabilities, lease_until FROM instances WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.query_row([id], |r| {
+            let role: String = r.get(1)?;
+            let state: String = r.get(3)?;
+            Ok(Actor {
+                id: id.to_string(),
+                entity: r.get(0)?,
+                role: Role::parse(&role).unwrap_or_default(),
+                label: r.get(2)?,
+                state: InstanceState::parse(&state).unwrap_or(InstanceState::Closed),
+                capabilities_json: r.get(4)?,
+                lease_until: r.get(5)?,
+            })
+        })
+        .optional()
+    })
+    .map_err(db_err)
+}
+
 fn require_instance(c: &Connection, id: &str) -> Result<Instance> {
     get_instance(c, id)?.ok_or_else(|| Error::not_found(format!("no instance {id}")))
 }

@@ -11,7 +11,8 @@
 //! A std thread, not a tokio task: rusqlite calls block, and a commit with fsync can
 //! take milliseconds that must not stall the async workers.
 
-use super::recent::{journal, RecentEvents};
+use super::counts::deferred as counts;
+use super::recent::{journal, RecentEvents, Reclaimer};
 use concord_core::{Error, Result};
 use rusqlite::Connection;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -126,6 +127,8 @@ fn roll_back_job(conn: &Connection) -> Result<()> {
 
 fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
     journal::start();
+    counts::start();
+    let mut reclaimer = Reclaimer::start();
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -151,7 +154,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
                 job.abort(e);
                 continue;
             }
-            let mark = journal::mark();
+            let (mark, counted) = (journal::mark(), counts::mark());
             match catch_unwind(AssertUnwindSafe(|| job.run(&conn, now))) {
                 Ok((ok, finish)) => {
                     let done = if ok {
@@ -159,6 +162,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
                         exec(&conn, "RELEASE job")
                     } else {
                         journal::roll_back_to(mark);
+                        counts::roll_back_to(counted);
                         roll_back_job(&conn)
                     };
                     if let Err(e) = done {
@@ -171,12 +175,15 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
                     // gets an internal error. Undo whatever it half-wrote.
                     tracing::error!("a write job panicked; its changes were rolled back");
                     journal::roll_back_to(mark);
+                    counts::roll_back_to(counted);
                     let _ = roll_back_job(&conn);
                 }
             }
         }
         let committing = Instant::now();
-        let commit = exec(&conn, "COMMIT");
+        // The task counts the batch moved, once per queue and state; inside the
+        // transaction, so a failed flush fails the COMMIT with it.
+        let commit = counts::flush(&conn).and_then(|()| exec(&conn, "COMMIT"));
         if commit.is_ok() {
             watches
                 .stats
@@ -195,7 +202,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
                 watches.recent.forget_through(pruned);
             }
             if let Some(seq) = appended.last().map(|e| e.seq) {
-                watches.recent.push(appended);
+                reclaimer.retire(watches.recent.push(appended));
                 watches.last_seq.send_if_modified(|cur| {
                     let changed = *cur != seq;
                     *cur = seq;
