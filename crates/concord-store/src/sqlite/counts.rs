@@ -91,3 +91,67 @@ pub(crate) mod deferred {
         write(c, folded.into_iter().map(|((q, s), n)| (q, s, n)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(c: &Connection) -> Vec<(String, String, i64)> {
+        let mut s = c
+            .prepare("SELECT queue, state, n FROM task_counts ORDER BY queue, state")
+            .unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    fn table() -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE task_counts (queue TEXT NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL, \
+             PRIMARY KEY (queue, state)) WITHOUT ROWID",
+        )
+        .unwrap();
+        c
+    }
+
+    #[test]
+    fn the_writer_flushes_what_its_kept_jobs_moved_folded() {
+        std::thread::spawn(|| {
+            let c = table();
+            deferred::start();
+            add(&c, [("q".into(), "pending", 1), ("q".into(), "pending", 1)]).unwrap();
+            assert!(counts(&c).is_empty(), "nothing is written before the flush");
+            let before_failed_job = deferred::mark();
+            add(
+                &c,
+                [("q".into(), "pending", -1), ("q".into(), "running", 1)],
+            )
+            .unwrap();
+            deferred::roll_back_to(before_failed_job);
+            add(
+                &c,
+                [("r".into(), "pending", 1), ("r".into(), "pending", -1)],
+            )
+            .unwrap();
+            deferred::flush(&c).unwrap();
+            assert_eq!(
+                counts(&c),
+                vec![("q".into(), "pending".into(), 2)],
+                "the rolled-back job's moves are gone, and a net zero writes no row"
+            );
+            deferred::flush(&c).unwrap();
+            assert_eq!(counts(&c).len(), 1, "a flush leaves nothing pending");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn other_threads_write_at_once() {
+        let c = table();
+        add(&c, [("q".into(), "pending", 3)]).unwrap();
+        assert_eq!(counts(&c), vec![("q".into(), "pending".into(), 3)]);
+    }
+}
