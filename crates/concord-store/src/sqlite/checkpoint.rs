@@ -20,8 +20,14 @@
 //! asks the writer to catch up: between two transactions, with nothing being
 //! appended, the writer's own PASSIVE checkpoint copies the little that is left,
 //! and its next transaction writes from the start of the log again.
+//!
+//! The checkpointer can be starved, though: on two busy cores it may not run for
+//! a long while, and then nobody asked. So the writer also watches the log's
+//! length itself (SQLite's WAL hook reports it after each commit) and catches up
+//! unasked once the log holds twice [`Pacing::restart_frames`].
 
 use rusqlite::Connection;
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -54,6 +60,27 @@ pub(crate) const LOG_SIZE_LIMIT: i64 = 64 << 20;
 pub(crate) struct Nudge {
     nudges: SyncSender<()>,
     catch_up: Arc<AtomicBool>,
+    /// Log frames past which the writer catches up unasked.
+    overdue_frames: i64,
+}
+
+thread_local! {
+    /// Frames in the log after the last commit on this thread's connection, as
+    /// SQLite's WAL hook reported them. Thread-local because the hook is a plain
+    /// function, and only the writer thread commits on the write connection.
+    static LOG_FRAMES: Cell<i64> = const { Cell::new(0) };
+}
+
+fn note_log_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
+    LOG_FRAMES.with(|f| f.set(i64::from(frames)));
+    Ok(())
+}
+
+/// Has the write connection report the log's length after each commit. Call it
+/// after `wal_autocheckpoint = 0`: SQLite's automatic checkpoint is itself a WAL
+/// hook, and setting that pragma replaces ours.
+pub(crate) fn watch_log(conn: &Connection) {
+    conn.wal_hook(Some(note_log_frames));
 }
 
 impl Nudge {
@@ -64,9 +91,13 @@ impl Nudge {
     }
 
     /// Whether the writer should finish a checkpoint itself now (see the module
-    /// doc); true once per request.
+    /// doc): once per request of the checkpointer, and after every commit while
+    /// the log is overdue. Repeating that is cheap when a reader's snapshot keeps
+    /// the log from starting over: a checkpoint with nothing left to copy does
+    /// no I/O.
     pub(crate) fn take_catch_up(&self) -> bool {
-        self.catch_up.swap(false, Ordering::Relaxed)
+        let asked = self.catch_up.swap(false, Ordering::Relaxed);
+        asked || LOG_FRAMES.with(Cell::get) > self.overdue_frames
     }
 }
 
@@ -99,6 +130,7 @@ pub(crate) fn start(path: &Path, pacing: Pacing) -> std::io::Result<Nudge> {
     Ok(Nudge {
         nudges: tx,
         catch_up,
+        overdue_frames: 2 * pacing.restart_frames,
     })
 }
 
@@ -201,6 +233,49 @@ mod tests {
             "the log holds {log} bytes after {written} bytes of events"
         );
         assert_eq!(store.read_events(0, 10_000).await.unwrap().len(), 6400);
+    }
+
+    /// A checkpointer that never gets to run (here: it waits an hour between
+    /// checkpoints, as a thread starved of CPU would) must not let the log grow
+    /// without end: the writer sees the log's length after each commit and
+    /// catches up unasked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_restarts_the_log_when_the_checkpointer_does_not_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = SqliteStore::open_with(
+            &path,
+            Durability::Normal,
+            super::Pacing {
+                min_interval: std::time::Duration::from_secs(3600),
+                restart_frames: 64,
+            },
+        )
+        .unwrap();
+        let pad = "x".repeat(3000);
+        for i in 0..1500 {
+            store
+                .publish(
+                    "t.ck",
+                    EventSource::default(),
+                    serde_json::json!({"i": i, "pad": pad}),
+                )
+                .await
+                .unwrap();
+        }
+        let written = 1500 * 3000;
+        let wal = std::fs::read(dir.path().join("c.db-wal")).unwrap();
+        let restarts = u32::from_be_bytes([wal[12], wal[13], wal[14], wal[15]]);
+        assert!(
+            restarts >= 3,
+            "the log started over {restarts} times in {written} bytes of events"
+        );
+        assert!(
+            wal.len() < written / 4,
+            "the log holds {} bytes after {written} bytes of events",
+            wal.len()
+        );
+        assert_eq!(store.read_events(0, 10_000).await.unwrap().len(), 1500);
     }
 
     /// The writer no longer checkpoints in COMMIT, so this thread must: after more

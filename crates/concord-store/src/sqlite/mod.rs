@@ -177,6 +177,7 @@ impl SqliteStore {
                     checkpoint::LOG_SIZE_LIMIT
                 ))
                 .map_err(db_err)?;
+                checkpoint::watch_log(&conn);
                 Some(nudge)
             }
             Err(e) => {
