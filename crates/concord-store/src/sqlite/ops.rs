@@ -37,11 +37,13 @@ pub(crate) fn append_event(
     source: &EventSource,
     data: Value,
 ) -> Result<i64> {
+    let (source_json, data_json) = (to_json(source), to_json(&data));
     c.prepare_cached("INSERT INTO events (topic, time, source, data) VALUES (?1, ?2, ?3, ?4)")
-        .and_then(|mut s| s.execute(params![topic, now, to_json(source), to_json(&data)]))
+        .and_then(|mut s| s.execute(params![topic, now, source_json, data_json]))
         .map_err(db_err)?;
     let seq = c.last_insert_rowid();
-    super::recent::note_appended(|| Event {
+    let json_bytes = topic.len() + source_json.len() + data_json.len();
+    super::recent::note_appended(json_bytes, || Event {
         seq,
         topic: topic.to_string(),
         time: Timestamp(now),

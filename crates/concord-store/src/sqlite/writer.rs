@@ -201,7 +201,7 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, watches: Watches) {
             if pruned > 0 {
                 watches.recent.forget_through(pruned);
             }
-            if let Some(seq) = appended.last().map(|e| e.seq) {
+            if let Some(seq) = appended.last().map(|h| h.event.seq) {
                 reclaimer.retire(watches.recent.push(appended));
                 watches.last_seq.send_if_modified(|cur| {
                     let changed = *cur != seq;
