@@ -159,6 +159,29 @@ mod tests {
     use crate::{EventStore, Store};
     use concord_core::api::EventSource;
 
+    /// Publishes events `0..n` of `pad_len` bytes of padding, one after another.
+    async fn publish_padded(store: &SqliteStore, n: usize, pad_len: usize) {
+        let pad = "x".repeat(pad_len);
+        for i in 0..n {
+            store
+                .publish(
+                    "t.ck",
+                    EventSource::default(),
+                    serde_json::json!({"i": i, "pad": pad}),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The log file, and the times it started over: its header's checkpoint
+    /// sequence number (bytes 12..16).
+    fn read_log(dir: &tempfile::TempDir) -> (Vec<u8>, u32) {
+        let wal = std::fs::read(dir.path().join("c.db-wal")).unwrap();
+        let restarts = u32::from_be_bytes([wal[12], wal[13], wal[14], wal[15]]);
+        (wal, restarts)
+    }
+
     /// Writers that never pause and readers that never stop would keep a
     /// checkpoint from ever finishing the log; the writer's catch-up does, so
     /// the log starts over and its file stays near the restart threshold
@@ -217,19 +240,19 @@ mod tests {
         // sequence number, bytes 12..16); that it did, many times, is what this
         // test is about. The file's size is bounded loosely: a thread descheduled
         // on a loaded 2-core machine (a reader inside its read transaction, or the
-        // checkpointer) keeps the log from starting over meanwhile, and such runs
-        // reached 7.0 MB (the old code did too), against the 19.2 MB a log that
-        // never starts over would hold.
+        // checkpointer) keeps the log from starting over meanwhile, and with a
+        // build running beside the test such runs reached 12.7 MB. A log that
+        // never starts over holds more than everything written (a 4 KiB page
+        // and a frame header per 3,000-byte event, and the index pages).
         let written = 8 * 800 * 3000;
-        let wal = std::fs::read(dir.path().join("c.db-wal")).unwrap();
-        let restarts = u32::from_be_bytes([wal[12], wal[13], wal[14], wal[15]]);
+        let (wal, restarts) = read_log(&dir);
         assert!(
             restarts >= 3,
             "the log started over {restarts} times in {written} bytes of events"
         );
         let log = wal.len();
         assert!(
-            log < written / 2,
+            log < written,
             "the log holds {log} bytes after {written} bytes of events"
         );
         assert_eq!(store.read_events(0, 10_000).await.unwrap().len(), 6400);
@@ -252,26 +275,19 @@ mod tests {
             },
         )
         .unwrap();
-        let pad = "x".repeat(3000);
-        for i in 0..1500 {
-            store
-                .publish(
-                    "t.ck",
-                    EventSource::default(),
-                    serde_json::json!({"i": i, "pad": pad}),
-                )
-                .await
-                .unwrap();
-        }
+        publish_padded(&store, 1500, 3000).await;
         let written = 1500 * 3000;
-        let wal = std::fs::read(dir.path().join("c.db-wal")).unwrap();
-        let restarts = u32::from_be_bytes([wal[12], wal[13], wal[14], wal[15]]);
+        let (wal, restarts) = read_log(&dir);
         assert!(
             restarts >= 3,
             "the log started over {restarts} times in {written} bytes of events"
         );
+        // Loosely: the checkpointer's one checkpoint, descheduled while it holds
+        // the checkpoint lock, makes the writer's catch-ups wait (seen: 1.2 MB
+        // with a build running beside the test, 0.5 MB otherwise); without the
+        // catch-up it held 18.6 MB.
         assert!(
-            wal.len() < written / 4,
+            wal.len() < written / 2,
             "the log holds {} bytes after {written} bytes of events",
             wal.len()
         );
@@ -287,17 +303,7 @@ mod tests {
         let path = dir.path().join("c.db");
         let store = SqliteStore::open(&path, Durability::Normal).unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
-        let pad = "x".repeat(2000);
-        for i in 0..3000 {
-            store
-                .publish(
-                    "t.ck",
-                    EventSource::default(),
-                    serde_json::json!({"i": i, "pad": pad}),
-                )
-                .await
-                .unwrap();
-        }
+        publish_padded(&store, 3000, 2000).await;
         // Wait for the checkpointer's copy (bounded; it runs every 100 ms while
         // nudged), by watching the database file grow.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
