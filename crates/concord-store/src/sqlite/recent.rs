@@ -21,9 +21,10 @@
 //! How big it gets: at most [`CAPACITY`] events and about [`BUDGET`] bytes of
 //! them, whichever binds first. A count alone was not a bound: a batch of 100
 //! task claims is one event of 100 task refs, some 60 KB once parsed, and under
-//! the batch queue benchmark 16,384 of those took the hub past 1 GB; 64 KiB user
-//! events would take it past 4 GB. An event's size in memory is estimated from
-//! the JSON the writer serialized for its row anyway ([`Held::cost`]).
+//! the batch queue benchmark those took the hub past 1 GB in ten seconds;
+//! 16,384 user events of 64 KiB would hold at least 1 GiB. An event's size in
+//! memory is estimated from the JSON the writer serialized for its row anyway
+//! ([`Held::cost`]).
 
 use concord_core::api::Event;
 use std::cell::{Cell, RefCell};
