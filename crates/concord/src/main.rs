@@ -63,7 +63,36 @@ enum Command {
     Client(Box<cli::ClientCommand>),
 }
 
+/// Lets the recall index's vector graph have transparent huge pages.
+///
+/// mimalloc's `no_thp` (above) switches them off for the whole process
+/// (`PR_SET_THP_DISABLE`), which also refuses them to the one place that gains
+/// from them: the graph advises its own memory with `MADV_HUGEPAGE`, and its
+/// insertions ran 10–18% faster on huge pages. Since Linux 6.18 the switch can
+/// spare what is advised; on older kernels this call fails and nothing
+/// changes.
+fn allow_advised_huge_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        const PR_THP_DISABLE_EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
+        // SAFETY: prctl with plain integer arguments; these two calls only
+        // read and set this process's huge-page policy.
+        unsafe {
+            if libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 {
+                libc::prctl(
+                    libc::PR_SET_THP_DISABLE,
+                    1 as libc::c_ulong,
+                    PR_THP_DISABLE_EXCEPT_ADVISED,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                );
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    allow_advised_huge_pages();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
