@@ -7,8 +7,8 @@
 //! persisted with the memory-log watermark it reflects. `hnsw_rs` cannot delete,
 //! reloads through a borrowing loader and pulls rayon, env_logger, mmap-rs and a
 //! second `rand` into the build; `usearch` is a C++ build. The algorithm itself
-//! is small: one arena of half-precision vectors ([`dot`]), neighbour lists
-//! ([`links`]), the paper's neighbour-selection heuristic, and a filtered
+//! is small: one arena of half-precision vectors (`dot.rs`), neighbour lists
+//! (`links.rs`), the paper's neighbour-selection heuristic, and a filtered
 //! layer-0 search that walks every node but only admits allowed ones to the
 //! result set (as hnswlib does). Keys are memory-log positions (`seq`), the
 //! same key the text index uses.
@@ -16,7 +16,7 @@
 //! Insertion is a graph walk per new vector, and a walk is bound by memory,
 //! not arithmetic: the vectors are read at random from far more than the
 //! cache holds. Hence the half-precision vectors, the flat layer-0 lists, the
-//! prefetches in [`Hnsw::search_layer`] and the huge pages of [`memory`].
+//! prefetches in `search_layer` and the huge pages of `memory.rs`.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -82,7 +82,7 @@ impl Visited {
 
 pub struct Hnsw {
     dim: usize,
-    /// Unit vectors in half precision (see [`dot`]), `dim` per node.
+    /// Unit vectors in half precision (see `dot.rs`), `dim` per node.
     vectors: Vec<f16>,
     keys: Vec<i64>,
     /// Creation times (ms), for recency without a store round trip.
