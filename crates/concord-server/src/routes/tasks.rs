@@ -200,12 +200,14 @@ impl ClaimAsk {
         p: &Principal,
         first: impl std::future::Future<Output = concord_core::Result<(T, Vec<ClaimedTask>)>>,
     ) -> ApiResult<(T, ApiResult<Vec<ClaimedTask>>)> {
+        // A claim that will not wait needs no receiver: subscribing takes the
+        // bus's lock, and dropping a receiver walks every event sent meanwhile.
+        if self.wait_ms == 0 {
+            let (done, tasks) = first.await?;
+            return Ok((done, Ok(tasks)));
+        }
         // A long poll holds one of the token's slots while it waits.
-        let _slot = if self.wait_ms > 0 {
-            Some(s.limits.long_poll(&p.token_id)?)
-        } else {
-            None
-        };
+        let _slot = s.limits.long_poll(&p.token_id)?;
         // Listen before claiming, so work that arrives in between wakes us.
         let rx = s.bus.subscribe();
         let (done, tasks) = first.await?;

@@ -19,6 +19,8 @@ use std::collections::BTreeMap;
 const TASK_COLS: &str = "id, queue, state, priority, (SELECT payload FROM task_payloads WHERE task = tasks.rowid), requires, target, attempt, max_attempts, backoff_ms, \
     timeout_ms, claimed_by, lease_until, progress, result, error, idempotency_key, not_before, created_at, updated_at, \
     completed_at, claim, CASE WHEN deps = 0 THEN '[]' ELSE (SELECT json_group_array(dep) FROM task_deps WHERE task = tasks.id) END";
+/// How many columns `TASK_COLS` names; a query may append its own after them.
+const TASK_COLS_LEN: usize = 23;
 
 pub(crate) fn json_col(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<Value>> {
     Ok(r.get::<_, Option<String>>(i)?
@@ -105,15 +107,24 @@ fn hub() -> EventSource {
 /// the job's end (which folds them over the writer's whole transaction). Every
 /// statement that inserts a task, changes its state or deletes it records its
 /// move here (or in `move_one`).
+///
+/// A list searched in order, not a map: a job touches a few (queue, state)
+/// pairs, often one queue for a hundred tasks, and a map keyed by an owned
+/// queue name allocated that name once per task.
 #[derive(Default)]
-struct Moves(BTreeMap<(String, &'static str), i64>);
+struct Moves(Vec<(String, &'static str, i64)>);
 
 impl Moves {
     fn add(&mut self, queue: &str, state: TaskState, n: i64) {
-        *self
+        let state = state.as_str();
+        match self
             .0
-            .entry((queue.to_string(), state.as_str()))
-            .or_default() += n;
+            .iter_mut()
+            .find(|(q, s, _)| *s == state && q == queue)
+        {
+            Some((_, _, m)) => *m += n,
+            None => self.0.push((queue.to_string(), state, n)),
+        }
     }
 
     fn moved(&mut self, queue: &str, from: TaskState, to: TaskState) {
@@ -122,7 +133,7 @@ impl Moves {
     }
 
     fn write(self, c: &Connection) -> Result<()> {
-        super::counts::add(c, self.0.into_iter().map(|((q, s), n)| (q, s, n)))
+        super::counts::add(c, self.0)
     }
 }
 
@@ -332,6 +343,18 @@ pub(crate) fn enqueue(
     }
     let mut out: Vec<(Task, bool)> = Vec::with_capacity(tasks.0.len());
     let mut moves = Moves::default();
+    // Prepared once for the whole list: looking a statement up in the cache
+    // hashes its text, per task and statement.
+    let mut insert_task = c
+        .prepare_cached(
+            "INSERT INTO tasks (id, queue, state, priority, requires, target, attempt, max_attempts, backoff_ms, \
+             timeout_ms, idempotency_key, not_before, deps, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)",
+        )
+        .map_err(db_err)?;
+    let mut insert_payload = c
+        .prepare_cached("INSERT INTO task_payloads (task, payload) VALUES (?1, ?2)")
+        .map_err(db_err)?;
     for (t, payload) in tasks.0 {
         if let Some(key) = &t.idempotency_key {
             let existing: Option<String> = c
@@ -369,18 +392,18 @@ pub(crate) fn enqueue(
         } else {
             TaskState::Pending
         };
-        c.prepare_cached(
-            "INSERT INTO tasks (id, queue, state, priority, requires, target, attempt, max_attempts, backoff_ms, \
-             timeout_ms, idempotency_key, not_before, deps, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
+        let requires = if t.requires.is_empty() {
+            "[]".to_string()
+        } else {
+            serde_json::to_string(&t.requires).unwrap_or_else(|_| "[]".into())
+        };
+        insert_task
+            .execute(params![
                 t.id,
                 t.queue,
                 state.as_str(),
                 t.priority,
-                serde_json::to_string(&t.requires).unwrap_or_else(|_| "[]".into()),
+                requires,
                 t.target,
                 t.max_attempts,
                 t.backoff_ms,
@@ -390,10 +413,9 @@ pub(crate) fn enqueue(
                 t.depends_on.len() as i64,
                 now
             ])
-        })
-        .map_err(db_err)?;
-        c.prepare_cached("INSERT INTO task_payloads (task, payload) VALUES (?1, ?2)")
-            .and_then(|mut s| s.execute(params![c.last_insert_rowid(), payload]))
+            .map_err(db_err)?;
+        insert_payload
+            .execute(params![c.last_insert_rowid(), payload])
             .map_err(db_err)?;
         moves.add(&t.queue, state, 1);
         for d in &t.depends_on {
@@ -480,8 +502,10 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Claimed> {
     let placeholders: Vec<String> = (0..spec.queues.len())
         .map(|i| format!("?{}", i + 5))
         .collect();
+    // The rowid comes last, after `task_parts`'s columns: the UPDATE finds the
+    // row by it, not by a second walk of the id index.
     let sql = format!(
-        "SELECT {TASK_COLS} FROM tasks INDEXED BY tasks_claimable \
+        "SELECT {TASK_COLS}, tasks.rowid FROM tasks INDEXED BY tasks_claimable \
          WHERE tasks.queue IN ({}) AND {CLAIMABLE} AND tasks.not_before <= ?1 \
          AND (tasks.target IS NULL OR tasks.target = ?2) \
          AND (tasks.requires = '[]' OR NOT EXISTS (SELECT 1 FROM json_each(tasks.requires) r \
@@ -493,33 +517,44 @@ fn claim(c: &Connection, now: i64, spec: &ClaimSpec) -> Result<Claimed> {
     );
     // The candidates come back whole: the claimed task is this row with the
     // claim's changes, so nothing is read again after the UPDATE.
-    let candidates: Vec<(Task, Option<String>)> = {
+    let candidates: Vec<(Task, Option<String>, i64)> = {
         let mut s = c.prepare_cached(&sql).map_err(db_err)?;
         let mut args: Vec<&dyn rusqlite::ToSql> = vec![&now, &spec.instance, &caps, &spec.max];
         for q in &spec.queues {
             args.push(q);
         }
         let rows = s
-            .query_map(args.as_slice(), |r| task_parts(r).map(|(t, _, p)| (t, p)))
+            .query_map(args.as_slice(), |r| {
+                let rowid = r.get(TASK_COLS_LEN)?;
+                task_parts(r).map(|(t, _, p)| (t, p, rowid))
+            })
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?
     };
     let mut out = Vec::with_capacity(candidates.len());
     let mut moves = Moves::default();
-    for (mut task, payload) in candidates {
+    let mut update = c
+        .prepare_cached(
+            "UPDATE tasks SET state = 'running', attempt = attempt + 1, claimed_by = ?2, claim = ?3, lease_ms = ?4, \
+             lease_until = ?5, updated_at = ?6 WHERE rowid = ?1",
+        )
+        .map_err(db_err)?;
+    for (mut task, payload, rowid) in candidates {
         let lease = spec
             .lease_ms
             .or(task.timeout_ms)
             .unwrap_or(DEFAULT_LEASE_MS);
         let token = ids::new_id(ids::CLAIM);
-        c.prepare_cached(
-            "UPDATE tasks SET state = 'running', attempt = attempt + 1, claimed_by = ?2, claim = ?3, lease_ms = ?4, \
-             lease_until = ?5, updated_at = ?6 WHERE id = ?1",
-        )
-        .and_then(|mut s| {
-            s.execute(params![task.id, spec.instance, token, lease, now + lease, now])
-        })
-        .map_err(db_err)?;
+        update
+            .execute(params![
+                rowid,
+                spec.instance,
+                token,
+                lease,
+                now + lease,
+                now
+            ])
+            .map_err(db_err)?;
         moves.moved(&task.queue, task.state, TaskState::Running);
         task.state = TaskState::Running;
         task.attempt += 1;
@@ -597,33 +632,41 @@ fn complete(
     let mut done = Vec::new();
     let mut by = None;
     let mut moves = Moves::default();
+    // With `read_back`, the whole row is read once, before the update, and the
+    // answer is that row with the completion's changes (reading it again after
+    // the UPDATE parsed the payload a second time). Either read also takes the
+    // rowid, by which the UPDATE finds the row without walking the id index a
+    // second time. Both statements are prepared once for the whole list.
+    let mut read = if read_back {
+        c.prepare_cached(&format!(
+            "SELECT {TASK_COLS}, rowid FROM tasks WHERE id = ?1"
+        ))
+    } else {
+        c.prepare_cached("SELECT queue, state, claim, claimed_by, rowid FROM tasks WHERE id = ?1")
+    }
+    .map_err(db_err)?;
+    let mut update = c
+        .prepare_cached(
+            "UPDATE tasks SET state = 'completed', result = ?2, lease_until = NULL, updated_at = ?3, \
+             completed_at = ?3 WHERE rowid = ?1",
+        )
+        .map_err(db_err)?;
     for it in items {
-        // With `read_back`, the whole row is read once, before the update, and
-        // the answer is that row with the completion's changes (reading it
-        // again after the UPDATE parsed the payload a second time).
-        let held = if read_back {
-            load(c, &it.id)?.map(|(t, claim)| {
-                (
-                    t.queue.clone(),
-                    t.state,
-                    claim,
-                    t.claimed_by.clone(),
-                    Some(t),
-                )
+        let held = read
+            .query_row([&it.id], |r| {
+                if read_back {
+                    let rowid: i64 = r.get(TASK_COLS_LEN)?;
+                    let (t, claim) = task_from_row(r)?;
+                    let claimed_by = t.claimed_by.clone();
+                    return Ok((t.queue.clone(), t.state, claim, claimed_by, Some(t), rowid));
+                }
+                let state: String = r.get(1)?;
+                let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
+                Ok((r.get(0)?, state, r.get(2)?, r.get(3)?, None, r.get(4)?))
             })
-        } else {
-            c.prepare_cached("SELECT queue, state, claim, claimed_by FROM tasks WHERE id = ?1")
-                .and_then(|mut s| {
-                    s.query_row([&it.id], |r| {
-                        let state: String = r.get(1)?;
-                        let state = TaskState::parse(&state).unwrap_or(TaskState::Pending);
-                        Ok((r.get(0)?, state, r.get(2)?, r.get(3)?, None))
-                    })
-                    .optional()
-                })
-                .map_err(db_err)?
-        };
-        let Some((queue, state, claim, claimed_by, task)) = held else {
+            .optional()
+            .map_err(db_err)?;
+        let Some((queue, state, claim, claimed_by, task, rowid)) = held else {
             out.push(Err(no_task(&it.id)));
             continue;
         };
@@ -631,14 +674,10 @@ fn complete(
             out.push(Err(stale_claim(&it.id, state)));
             continue;
         }
-        c.prepare_cached(
-            "UPDATE tasks SET state = 'completed', result = ?2, lease_until = NULL, updated_at = ?3, \
-             completed_at = ?3 WHERE id = ?1",
-        )
-        .and_then(|mut s| {
-            s.execute(params![it.id, serde_json::to_string(&it.result).unwrap_or_else(|_| "null".into()), now])
-        })
-        .map_err(db_err)?;
+        let result = serde_json::to_string(&it.result).unwrap_or_else(|_| "null".into());
+        update
+            .execute(params![rowid, result, now])
+            .map_err(db_err)?;
         if done.is_empty() {
             by = claimed_by;
         }
