@@ -1009,11 +1009,15 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
                                 .pop();
                             return Ok(0);
                         };
-                        let (_, mut next) = c
-                            .complete_and_claim(
-                                &t.task.id,
-                                &t.claim,
-                                serde_json::json!(1),
+                        // As `concord work` does: the outcome, not the
+                        // completed task echoed back (see `work::run_task`).
+                        let (outcome, mut next) = c
+                            .complete_batch_and_claim(
+                                vec![CompleteItem {
+                                    id: t.task.id,
+                                    claim: t.claim,
+                                    result: serde_json::json!(1),
+                                }],
                                 ClaimRequest {
                                     queues: vec![queue_name.clone()],
                                     max: Some(1),
@@ -1023,6 +1027,11 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
                             )
                             .await?;
                         held = next.pop();
+                        if let Some(error) = outcome.into_iter().find_map(|o| o.error) {
+                            return Err(concord_core::Error::internal(format!(
+                                "completion refused: {error}"
+                            )));
+                        }
                         return Ok::<u64, concord_core::Error>(1);
                     }
                     let claimed = c

@@ -16,7 +16,7 @@ use crate::cli::{e, Conn};
 use anyhow::{anyhow, Result};
 use clap::Args;
 use concord_client::Client;
-use concord_core::api::{ClaimRequest, ClaimedTask, RegisterInstanceRequest};
+use concord_core::api::{ClaimRequest, ClaimedTask, CompleteItem, RegisterInstanceRequest};
 use concord_core::ErrorCode;
 use serde_json::Value;
 use std::process::Stdio;
@@ -241,6 +241,14 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
+/// An item's error in a list answer (`{"code", "message", "details"}`) as the
+/// error a single call would have returned.
+fn item_error(error: Value) -> concord_core::Error {
+    concord_core::Error::from_body(&serde_json::json!({ "error": error })).unwrap_or_else(|| {
+        concord_core::Error::internal(format!("the hub refused the completion: {error}"))
+    })
+}
+
 /// Runs one task and reports its outcome; a success with `claim_next` also
 /// claims the next task in the same call, and returns it.
 async fn run_task(
@@ -254,12 +262,16 @@ async fn run_task(
         Ok(stdout) => {
             let result =
                 serde_json::from_str::<Value>(stdout.trim()).unwrap_or(Value::String(stdout));
+            // Through the list form with one item: it answers the outcome, not
+            // the completed task with its payload, which this loop would drop.
             let both = match claim_next {
                 Some(queues) => Some(
-                    c.complete_and_claim(
-                        &t.task.id,
-                        &t.claim,
-                        result.clone(),
+                    c.complete_batch_and_claim(
+                        vec![CompleteItem {
+                            id: t.task.id.clone(),
+                            claim: t.claim.clone(),
+                            result: result.clone(),
+                        }],
                         ClaimRequest {
                             queues: queues.iter().map(|q| q.to_string()).collect(),
                             max: Some(1),
@@ -272,10 +284,16 @@ async fn run_task(
                 None => None,
             };
             match both {
-                Some(Ok((_, mut next))) => Ok(next.pop()),
-                // Only a stale claim is the completion's own fault; anything
-                // else refused the claim half, so complete alone.
-                Some(Err(e)) if e.code == ErrorCode::StaleClaim => Err(e),
+                // The next task is claimed even when this completion was refused
+                // (its claim went stale meanwhile): run it either way.
+                Some(Ok((outcomes, mut next))) => {
+                    if let Some(error) = outcomes.into_iter().find_map(|o| o.error) {
+                        report_failed(t, &item_error(error));
+                    }
+                    Ok(next.pop())
+                }
+                // A call refused as a whole (its claim half, say) changed
+                // nothing: complete alone.
                 _ => c
                     .complete_task(&t.task.id, &t.claim, result)
                     .await
@@ -288,14 +306,19 @@ async fn run_task(
             .map(|_| None),
     };
     reported.unwrap_or_else(|err| {
-        eprintln!(
-            "concord work: reporting {}: {} ({})",
-            t.task.id,
-            err.message,
-            err.code.as_str()
-        );
+        report_failed(t, &err);
         None
     })
+}
+
+/// Says on stderr that the hub refused `t`'s outcome; the worker goes on.
+fn report_failed(t: &ClaimedTask, err: &concord_core::Error) {
+    eprintln!(
+        "concord work: reporting {}: {} ({})",
+        t.task.id,
+        err.message,
+        err.code.as_str()
+    );
 }
 
 /// Runs the command for one task; Ok(stdout) on exit 0, Err(description) otherwise.

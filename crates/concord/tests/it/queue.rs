@@ -562,6 +562,13 @@ async fn schedules_fire_once_per_due_time_across_a_restart() {
 async fn the_shell_worker_runs_any_script() {
     let hub = Hub::start();
     let admin = hub.admin();
+    // First in line: its script cancels its own task, so its completion is
+    // refused (stale claim), while the same call claims the next task.
+    let cancelled = admin
+        .enqueue(&task("shell", json!({"cancel": true})))
+        .await
+        .unwrap()
+        .task;
     let ok = admin
         .enqueue(&task("shell", json!({"n": 21})))
         .await
@@ -580,7 +587,7 @@ async fn the_shell_worker_runs_any_script() {
         .await
         .unwrap()
         .task;
-    let script = r#"payload=$(cat); case "$payload" in *'-1'*) echo "negative input" >&2; exit 3;; *plain*) echo "just text";; *) echo "{\"seen\": $payload, \"task\": \"$CONCORD_TASK_ID\"}";; esac"#;
+    let script = r#"payload=$(cat); case "$payload" in *cancel*) "$CONCORD_BIN" task cancel "$CONCORD_TASK_ID" >/dev/null && echo '"cancelled"';; *'-1'*) echo "negative input" >&2; exit 3;; *plain*) echo "just text";; *) echo "{\"seen\": $payload, \"task\": \"$CONCORD_TASK_ID\"}";; esac"#;
     let out = tokio::process::Command::new(BIN)
         .args([
             "work",
@@ -590,12 +597,18 @@ async fn the_shell_worker_runs_any_script() {
             "--label",
             "sh worker",
             "--max-tasks",
-            "3",
+            "4",
+            // Longer than the timeout below: a next task claimed with the refused
+            // completion and then dropped would sit out this lease.
+            "--lease-ms",
+            "600000",
             "--",
             "sh",
             "-c",
             script,
         ])
+        .env("CONCORD_BIN", BIN)
+        .kill_on_drop(true)
         .env("CONCORD_URL", &hub.url)
         .env("CONCORD_TOKEN", &hub.admin)
         .env("CONCORD_SPOOL_DIR", hub.dir.join("spool"))
@@ -609,6 +622,14 @@ async fn the_shell_worker_runs_any_script() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("reporting {}", cancelled.id)) && stderr.contains("stale_claim"),
+        "{stderr}"
+    );
+    let cancelled = admin.get_task(&cancelled.id).await.unwrap();
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+    assert_eq!(cancelled.result, None);
     let ok = admin.get_task(&ok.id).await.unwrap();
     assert_eq!(ok.state, TaskState::Completed);
     assert_eq!(ok.result, Some(json!({"seen": {"n": 21}, "task": ok.id})));
