@@ -1028,9 +1028,7 @@ async fn queue(admin: &Client, args: &BenchArgs, backend: &str, batch: usize) ->
                             .await?;
                         held = next.pop();
                         if let Some(error) = outcome.into_iter().find_map(|o| o.error) {
-                            return Err(concord_core::Error::internal(format!(
-                                "completion refused: {error}"
-                            )));
+                            return Err(crate::work::item_error(error));
                         }
                         return Ok::<u64, concord_core::Error>(1);
                     }

@@ -243,7 +243,7 @@ pub(crate) async fn shutdown_signal() {
 
 /// An item's error in a list answer (`{"code", "message", "details"}`) as the
 /// error a single call would have returned.
-fn item_error(error: Value) -> concord_core::Error {
+pub(crate) fn item_error(error: Value) -> concord_core::Error {
     concord_core::Error::from_body(&serde_json::json!({ "error": error })).unwrap_or_else(|| {
         concord_core::Error::internal(format!("the hub refused the completion: {error}"))
     })
